@@ -7,6 +7,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import time
 import warnings
 
@@ -150,12 +151,15 @@ def save_checkpoint(output_dir, step, state):
         return final  # this exact step is already safely on disk (a resumed run saving it again)
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    with open(os.path.join(tmp, "COMPLETE"), "w") as f:
-        f.write(f"{step}\n")
-    for name in ("state.pt", "COMPLETE"):  # on disk, not just in the page cache, before the rename
-        fsync(os.path.join(tmp, name))
+    try:
+        os.makedirs(tmp)
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+            f.write(f"{step}\n")
+        for name in ("state.pt", "COMPLETE"):  # on disk, not just in the page cache, before the rename
+            fsync(os.path.join(tmp, name))
+    except (OSError, RuntimeError) as e:  # disk full, quota, I/O error: the older checkpoints are untouched
+        raise OSError(f"could not write checkpoint {final} ({e}); the previous checkpoints are intact") from None
     shutil.rmtree(final, ignore_errors=True)  # a half-deleted leftover without COMPLETE
     os.replace(tmp, final)
     fsync(output_dir)
@@ -212,10 +216,10 @@ def find_resume_checkpoint(output_dir, resume_from, rank):
         except ValueError as e:
             if rank == 0:
                 warnings.warn(f"skipping {e}")
-    if resume_from == "latest":
+    if candidates or resume_from == "latest":  # never silently restart a run whose checkpoints all broke
         what = "none of them loads" if candidates else "there is none"
-        raise FileNotFoundError(f"--resume_from_checkpoint latest: no usable checkpoint in {output_dir} ({what}); start without it")
-    return None, None
+        raise FileNotFoundError(f"no usable checkpoint in {output_dir} ({what}): fix or remove them, or use --overwrite_output_dir")
+    return None, None  # 'auto' on a fresh output dir: start from scratch
 
 
 def check_resumable(saved, current, allow_change):
@@ -228,12 +232,16 @@ def check_resumable(saved, current, allow_change):
 
 
 def rotate_checkpoints(output_dir, limit, keep_step):
-    """Delete the oldest checkpoints beyond `limit`, never the one holding the best model."""
+    """Delete the oldest checkpoints beyond `limit`, never the one holding the best model. Renaming to
+    .tmp first makes each vanish at once; a kill mid-delete leaves no half checkpoint behind."""
     checkpoints = list_checkpoints(output_dir)
     keep = set(checkpoints[:limit]) | {os.path.join(output_dir, f"checkpoint-{keep_step}")}
     for path in checkpoints[limit:]:
         if path not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+            os.replace(path, path + ".tmp")
+    for name in os.listdir(output_dir):  # also what earlier crashes left mid-write
+        if name.startswith("checkpoint-") and name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
 def log_json(output_dir, record):
@@ -242,12 +250,16 @@ def log_json(output_dir, record):
 
 
 def truncate_log(output_dir, step):
-    """After a resume, drop the records of steps the crashed run logged past its last checkpoint:
-    they are about to be redone."""
+    """After a resume, drop the records past the checkpoint (the crashed run logged them, this one
+    redoes them) and any line a kill cut short."""
     path = os.path.join(output_dir, "log.jsonl")
     if os.path.isfile(path):
+        kept = []
         with open(path) as f:
-            kept = [line for line in f if line.strip().endswith("}") and json.loads(line)["step"] <= step]
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line.rstrip("\n") + "\n")
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)
@@ -271,7 +283,7 @@ def train(args, model, tokenizer, train_set, eval_sets, task, ctx, resume_state=
     # factor before backward and divides it out before the update; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)
     progress = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_eval": None, "best_step": None,
-                "nonfinite_streak": 0}
+                "nonfinite_streak": 0, "skipped_steps": 0}
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -327,8 +339,9 @@ def train(args, model, tokenizer, train_set, eval_sets, task, ctx, resume_state=
                 scaler.step(optimizer)  # plain optimizer.step() unless fp16
                 scheduler.step()  # not after a skipped step, or the schedule would run ahead of the updates
                 progress["nonfinite_streak"] = 0
-            else:
+            else:  # a NaN/inf loss or gradient (fp16 overflow, or a real divergence): skip this update
                 progress["nonfinite_streak"] += 1
+                progress["skipped_steps"] += 1
             scaler.update()  # fp16: halve the scale after an overflow, grow it after a run of good steps
             optimizer.zero_grad(set_to_none=True)  # frees the gradient memory instead of filling zeros
             window[0] += step_loss.cpu().double()
@@ -354,7 +367,7 @@ def train(args, model, tokenizer, train_set, eval_sets, task, ctx, resume_state=
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 3),
                           "loss": float(window[0] / window[1]), "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": grad_norm, "samples_per_second": float(window[1]) / elapsed,
+                          "grad_norm": grad_norm, "skipped_steps": progress["skipped_steps"], "samples_per_second": float(window[1]) / elapsed,
                           "tokens_per_second": float(window[2]) / elapsed}
                 done_examples, done_tokens = done_examples + int(window[1]), done_tokens + int(window[2])
                 if main_process:
@@ -388,7 +401,7 @@ def train(args, model, tokenizer, train_set, eval_sets, task, ctx, resume_state=
             if stop:
                 bar.close()
                 if main_process:
-                    tqdm.write(f"preempted: checkpoint-{step} saved; rerun with --resume_from_checkpoint auto")
+                    tqdm.write(f"preempted: checkpoint-{step} saved; rerun with --resume_from_checkpoint auto", file=sys.stderr)
                 raise SystemExit(PREEMPTED_EXIT_CODE)
             if step == total_steps:
                 break

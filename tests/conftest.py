@@ -57,3 +57,40 @@ def run_cli(args, torchrun=0, env=None, timeout=300, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stderr[-4000:]}")
     return result
+
+
+def train_in_process(model, output_dir, *extra, task="mrpc", data_dir=GLUE):
+    """train_glue's whole run in this process (faster than a subprocess; errors raise as exceptions)."""
+    import train_glue
+    argv = ["--task_name", task, "--data_dir", data_dir, "--model_name_or_path", model, "--output_dir", output_dir,
+            "--max_eval_samples", "40", "--logging_steps", "1", *[str(a) for a in extra]]
+    train_glue.run(train_glue.parse_args(argv))
+    return output_dir
+
+
+def model_weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def checkpoint_state(path):
+    import torch
+    return torch.load(os.path.join(path, "state.pt"), weights_only=True)
+
+
+def read_log(output_dir):
+    import json
+    with open(os.path.join(output_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long fault trials; run with `python -m pytest -m slow`")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The default run (CI's) leaves out the slow trials; `-m slow` (or any -m) selects explicitly."""
+    if not config.getoption("markexpr"):
+        slow = [item for item in items if "slow" in item.keywords]
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]

@@ -1,0 +1,269 @@
+"""Faults a long run on preemptible machines meets: kill -9, SIGTERM, a dying rank, broken checkpoints,
+NaNs, changed settings, disk errors. Each must end in the same weights as a clean run, or a clear error."""
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import pytest
+import torch
+
+import trainer
+from conftest import GLUE, ROOT, checkpoint_state, model_weights, read_log, run_cli, train_in_process
+
+SHORT = ["--max_train_samples", 64, "--per_device_train_batch_size", 4, "--learning_rate", 1e-3, "--max_eval_samples", 16]
+
+
+def start(args, torchrun=0, extra_launcher=()):
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--standalone",
+                *extra_launcher] if torchrun else [sys.executable]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # stderr goes to a file: a pipe nobody reads while we wait would fill up and block the run.
+    log = tempfile.NamedTemporaryFile("w+", suffix=".stderr", delete=False)
+    process = subprocess.Popen(launcher + [os.path.join(ROOT, "train_glue.py")] + [str(a) for a in args], cwd=ROOT,
+                               env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    process.stderr_text = lambda: open(log.name).read()
+    return process
+
+
+def wait_for_step(output_dir, step, process, timeout=120):
+    """Block until the run has logged `step` (so a fault lands in training, not in start-up)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(f"{output_dir}/log.jsonl") and any(r.get("step", 0) >= step for r in read_log(output_dir)):
+            return
+        assert process.poll() is None, process.stderr_text()[-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached")
+
+
+def train_args(model, output_dir, *extra):
+    return ["--task_name", "mrpc", "--data_dir", GLUE, "--model_name_or_path", model, "--output_dir", output_dir,
+            "--logging_steps", 1, *SHORT, *extra]
+
+
+def losses(output_dir):
+    return {r["step"]: r["loss"] for r in read_log(output_dir) if "loss" in r}
+
+
+def assert_same_run(clean, other):
+    a, b = model_weights(f"{clean}/final"), model_weights(f"{other}/final")
+    assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ from the uninterrupted run"
+    assert losses(other) == losses(clean)
+
+
+@pytest.fixture(scope="module")
+def clean_run(tiny_model_dropout, tmp_path_factory):
+    """The uninterrupted reference: 3 epochs of 16 steps, a checkpoint every step."""
+    out = str(tmp_path_factory.mktemp("clean") / "run")
+    run_cli(train_args(tiny_model_dropout, out, "--num_train_epochs", 3, "--save_steps", 1))
+    return out
+
+
+def kill_and_resume_until_done(model, output_dir, kills, seed):
+    rng = random.Random(seed)
+    args = train_args(model, output_dir, "--num_train_epochs", 3, "--save_steps", 1, "--resume_from_checkpoint", "auto")
+    mid_write = 0
+    for _ in range(kills):
+        process = start(args)
+        done = max(losses(output_dir), default=0) if os.path.exists(f"{output_dir}/log.jsonl") else 0
+        wait_for_step(output_dir, done + 1, process)
+        time.sleep(rng.uniform(0, 0.4))  # about 1-10 steps later; each step also writes a checkpoint
+        process.kill()
+        process.wait()
+        mid_write += any(n.endswith(".tmp") for n in os.listdir(output_dir))
+    run_cli(args)
+    return mid_write
+
+
+def test_kill_9_at_random_moments_then_resume_gives_the_clean_run(clean_run, tiny_model_dropout, tmp_path):
+    mid_write = kill_and_resume_until_done(tiny_model_dropout, str(tmp_path / "run"), kills=5, seed=1234)
+    print(f"{mid_write} of 5 kills left a checkpoint half-written")
+    assert_same_run(clean_run, str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4))
+def test_kill_9_many_times(clean_run, tiny_model_dropout, tmp_path, seed):
+    kill_and_resume_until_done(tiny_model_dropout, str(tmp_path / "run"), kills=10, seed=seed)
+    assert_same_run(clean_run, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("world_size", [0, 2])
+def test_sigterm_checkpoints_exits_143_and_resumes_without_losing_a_step(clean_run, tiny_model_dropout, tmp_path, world_size):
+    out = str(tmp_path / "run")
+    args = train_args(tiny_model_dropout, out, "--num_train_epochs", 3, "--save_steps", 20, "--resume_from_checkpoint", "auto",
+                      "--per_device_train_batch_size", 4 // max(1, world_size))
+    process = start(args, torchrun=world_size)
+    wait_for_step(out, 5, process)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    stderr = process.stderr_text()
+    stopped_at = max(losses(out))
+    assert stopped_at < 48 and os.path.isdir(f"{out}/checkpoint-{stopped_at}")  # saved off the 20-step schedule
+    assert "preempted" in stderr
+    if not world_size:
+        assert process.returncode == trainer.PREEMPTED_EXIT_CODE
+    run_cli(args, torchrun=world_size)
+    if world_size:  # the clean reference for two ranks (each with its own dropout stream) is a two-rank run
+        clean_run = str(tmp_path / "clean")
+        run_cli([clean_run if a == out else a for a in args], torchrun=world_size)
+    assert_same_run(clean_run, out)
+
+
+def test_torchrun_restarts_after_a_rank_dies_and_resumes(tiny_model, tmp_path):
+    args = lambda out: train_args(tiny_model, out, "--num_train_epochs", 3, "--save_steps", 4,
+                                  "--per_device_train_batch_size", 2, "--resume_from_checkpoint", "auto")
+    clean = str(tmp_path / "clean")
+    run_cli(args(clean), torchrun=2)
+    out = str(tmp_path / "faulty")
+    process = start(args(out), torchrun=2, extra_launcher=["--max-restarts=1"])
+    wait_for_step(out, 10, process)
+    workers = [p for p in psutil.Process(process.pid).children(recursive=True) if "train_glue.py" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[1].kill()  # rank failure: torchrun tears the group down and starts it again
+    process.wait(timeout=300)
+    stderr = process.stderr_text()
+    assert process.returncode == 0, stderr[-3000:]
+    assert "resuming from" in stderr
+    a, b = model_weights(f"{clean}/final"), model_weights(f"{out}/final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def corrupt(path, how):
+    state = f"{path}/state.pt"
+    if how == "truncated":
+        with open(state, "r+b") as f:
+            f.truncate(os.path.getsize(state) // 2)
+    elif how == "garbage":
+        with open(state, "wb") as f:
+            f.write(os.urandom(4096))
+    elif how == "missing file":
+        os.remove(state)
+    elif how == "no marker":
+        os.remove(f"{path}/COMPLETE")
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "missing file", "no marker"])
+def test_a_broken_newest_checkpoint_is_skipped_for_the_newest_good_one(tiny_model, tmp_path, how):
+    out = train_in_process(tiny_model, str(tmp_path / "run"), *SHORT, "--max_steps", 6, "--save_steps", 2, "--save_total_limit", 3)
+    corrupt(f"{out}/checkpoint-6", how)
+    with pytest.warns(UserWarning, match="checkpoint-6"):
+        path, state = trainer.find_resume_checkpoint(out, "auto", rank=0)
+    assert path.endswith("checkpoint-4") and state["progress"]["step"] == 4
+    for step in (2, 4):
+        corrupt(f"{out}/checkpoint-{step}", how)
+    with pytest.warns(UserWarning), pytest.raises(FileNotFoundError, match="no usable checkpoint"):
+        trainer.find_resume_checkpoint(out, "auto", rank=0)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['PWNED']}",))
+
+
+def test_a_checkpoint_holding_a_pickled_callable_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PWNED", str(tmp_path / "pwned"))
+    bad = tmp_path / "checkpoint-1"
+    bad.mkdir()
+    torch.save({k: RunsCode() for k in trainer.CHECKPOINT_KEYS}, bad / "state.pt")
+    (bad / "COMPLETE").write_text("1\n")
+    with pytest.raises(ValueError, match="corrupt or unsafe"):
+        trainer.load_checkpoint(str(bad))
+    assert not (tmp_path / "pwned").exists()
+
+
+def nan_after(monkeypatch, first_bad_call, bad_calls):
+    """Make the model's training forward return NaN logits on calls [first, first + count)."""
+    from transformers import BertForSequenceClassification
+    forward, calls = BertForSequenceClassification.forward, [0]
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls[0] += 1
+            if first_bad_call <= calls[0] < first_bad_call + bad_calls:
+                out.logits = out.logits * float("nan")
+        return out
+    monkeypatch.setattr(BertForSequenceClassification, "forward", poisoned)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tiny_model, tmp_path, monkeypatch):
+    nan_after(monkeypatch, first_bad_call=3, bad_calls=2)
+    out = train_in_process(tiny_model, str(tmp_path / "run"), *SHORT, "--max_steps", 8)
+    log = [r for r in read_log(out) if "loss" in r]
+    assert [r["skipped_steps"] for r in log] == [0, 0, 1, 2, 2, 2, 2, 2]
+    assert all(torch.isfinite(w).all() for w in model_weights(f"{out}/final").values())
+
+
+def test_persistent_nonfinite_loss_stops_with_the_last_checkpoint_intact(tiny_model, tmp_path, monkeypatch):
+    nan_after(monkeypatch, first_bad_call=5, bad_calls=10**6)
+    out = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="3 consecutive steps had non-finite gradients"):
+        train_in_process(tiny_model, out, *SHORT, "--max_steps", 20, "--save_steps", 2, "--max_nonfinite_steps", 3)
+    path, state = trainer.find_resume_checkpoint(out, "latest", rank=0)
+    assert state["progress"]["step"] == 6  # steps 5-7 were bad; step 6's checkpoint holds step-4 weights
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("change,message", [
+    (["--per_device_train_batch_size", 8], "global_batch_size: checkpoint has 4, this run has 8"),
+    (["--gradient_accumulation_steps", 2], "global_batch_size"),
+    (["--max_seq_length", 64], "max_seq_length"),
+])
+def test_resume_with_changed_settings_is_refused_unless_overridden(tiny_model, tmp_path, change, message):
+    out = train_in_process(tiny_model, str(tmp_path / "run"), *SHORT, "--max_steps", 2)
+    with pytest.raises(ValueError, match=message):
+        train_in_process(tiny_model, out, *SHORT, "--max_steps", 4, "--resume_from_checkpoint", "latest", *change)
+    train_in_process(tiny_model, out, *SHORT, "--max_steps", 4, "--resume_from_checkpoint", "latest", *change,
+                     "--ignore_checkpoint_mismatch")
+    assert os.path.isdir(f"{out}/checkpoint-4")
+
+
+def test_resume_with_another_model_or_task_is_refused(tiny_model, tiny_model_dropout, tmp_path):
+    out = train_in_process(tiny_model, str(tmp_path / "run"), *SHORT, "--max_steps", 2)
+    with pytest.raises(ValueError, match="model: checkpoint has"):
+        train_in_process(tiny_model_dropout, out, *SHORT, "--max_steps", 4, "--resume_from_checkpoint", "latest")
+    with pytest.raises(ValueError, match="task: checkpoint has 'mrpc', this run has 'sst2'"):
+        train_in_process(tiny_model, out, *SHORT, "--max_steps", 4, "--resume_from_checkpoint", "latest", task="sst2")
+
+
+def test_changed_world_size_with_the_same_global_batch_resumes_exactly(tiny_model, tmp_path):
+    common = ["--max_steps", 12, "--save_steps", 5, "--save_total_limit", 5]
+    straight = train_in_process(tiny_model, str(tmp_path / "straight"), *SHORT, *common)
+    out = str(tmp_path / "resized")
+    shutil.copytree(f"{straight}/checkpoint-5", f"{out}/checkpoint-5")
+    run_cli(train_args(tiny_model, out, *common, "--per_device_train_batch_size", 2, "--resume_from_checkpoint", "latest"),
+            torchrun=2)
+    assert min(losses(out)) == 6 and max(losses(out)) == 12
+    for step in range(6, 13):
+        assert losses(out)[step] == pytest.approx(losses(straight)[step], rel=1e-4)
+    a, b = model_weights(f"{straight}/final"), model_weights(f"{out}/final")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_save_is_a_clear_error_and_the_previous_checkpoint_still_loads(tiny_model, tmp_path, monkeypatch):
+    real_save, saves = torch.save, [0]
+
+    def disk_full_on_second_save(obj, path, *args, **kwargs):
+        saves[0] += 1
+        if saves[0] == 2:
+            with open(path, "wb") as f:
+                f.write(b"PK\x03\x04 half a checkpoint")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", disk_full_on_second_save)
+    out = str(tmp_path / "run")
+    with pytest.raises(OSError, match="could not write checkpoint .*checkpoint-4.*No space left"):
+        train_in_process(tiny_model, out, *SHORT, "--max_steps", 6, "--save_steps", 2)
+    monkeypatch.setattr(torch, "save", real_save)
+    path, state = trainer.find_resume_checkpoint(out, "latest", rank=0)
+    assert path.endswith("checkpoint-2") and state["progress"]["step"] == 2
+    train_in_process(tiny_model, out, *SHORT, "--max_steps", 6, "--save_steps", 2, "--resume_from_checkpoint", "latest")
+    assert os.path.isdir(f"{out}/checkpoint-6")
