@@ -6,10 +6,9 @@ import os
 import numpy as np
 import torch
 
-# One row per task. `columns` are the TSV header names of (text_a, text_b, label); CoLA's train/dev
-# files have no header, so `header` supplies one. `labels` are the label values as GLUE writes them
-# in its files and expects in a submission; `names` are what the saved model reports (id2label).
-# Regression tasks (STS-B) have no labels. `metrics` lists what is reported, the first is the main one.
+# `keys`: the hub's text columns; `columns`: the TSV header names of (text_a, text_b, label), and `header` for
+# CoLA's headerless train/dev files. `labels`: label values as GLUE files write them (None: regression); `names`:
+# what the saved model reports (id2label), if not `labels`. `metrics`: what is reported, the first is the main one.
 TASKS = {
     "cola": dict(folder="CoLA", keys=("sentence", None), columns=("sentence", None, "label"),
                  header=("source", "label", "original_mark", "sentence"),
@@ -19,22 +18,18 @@ TASKS = {
     "mrpc": dict(folder="MRPC", keys=("sentence1", "sentence2"), columns=("#1 String", "#2 String", "Quality"),
                  labels=("0", "1"), names=("not_equivalent", "equivalent"), metrics=("accuracy", "f1")),
     "stsb": dict(folder="STS-B", keys=("sentence1", "sentence2"), columns=("sentence1", "sentence2", "score"),
-                 labels=None, names=None, metrics=("pearson", "spearmanr")),
+                 labels=None, metrics=("pearson", "spearmanr")),
     "qqp": dict(folder="QQP", keys=("question1", "question2"), columns=("question1", "question2", "is_duplicate"),
                 labels=("0", "1"), names=("not_duplicate", "duplicate"), metrics=("accuracy", "f1")),
     "mnli": dict(folder="MNLI", keys=("premise", "hypothesis"), columns=("sentence1", "sentence2", "gold_label"),
-                 labels=("entailment", "neutral", "contradiction"), names=("entailment", "neutral", "contradiction"),
-                 metrics=("accuracy",)),
+                 labels=("entailment", "neutral", "contradiction"), metrics=("accuracy",)),
     "qnli": dict(folder="QNLI", keys=("question", "sentence"), columns=("question", "sentence", "label"),
-                 labels=("entailment", "not_entailment"), names=("entailment", "not_entailment"), metrics=("accuracy",)),
+                 labels=("entailment", "not_entailment"), metrics=("accuracy",)),
     "rte": dict(folder="RTE", keys=("sentence1", "sentence2"), columns=("sentence1", "sentence2", "label"),
-                labels=("entailment", "not_entailment"), names=("entailment", "not_entailment"), metrics=("accuracy",)),
+                labels=("entailment", "not_entailment"), metrics=("accuracy",)),
     "wnli": dict(folder="WNLI", keys=("sentence1", "sentence2"), columns=("sentence1", "sentence2", "label"),
                  labels=("0", "1"), names=("not_entailment", "entailment"), metrics=("accuracy",)),
 }
-SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv",
-               "validation_matched": "dev_matched.tsv", "validation_mismatched": "dev_mismatched.tsv",
-               "test_matched": "test_matched.tsv", "test_mismatched": "test_mismatched.tsv"}
 
 
 def get_task(name):
@@ -43,17 +38,9 @@ def get_task(name):
     return TASKS[name]
 
 
-def eval_splits(task_name):
-    return ["validation_matched", "validation_mismatched"] if task_name == "mnli" else ["validation"]
-
-
-def test_splits(task_name):
-    return ["test_matched", "test_mismatched"] if task_name == "mnli" else ["test"]
-
-
-def submission_name(task_name, split):
-    """GLUE's leaderboard wants {CoLA,SST-2,...}.tsv; MNLI gives MNLI-m.tsv and MNLI-mm.tsv."""
-    return {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}.get(split, TASKS[task_name]["folder"])
+def splits(task_name, kind):
+    """The 'validation' or 'test' splits of a task: MNLI has a matched and a mismatched one of each."""
+    return [f"{kind}_matched", f"{kind}_mismatched"] if task_name == "mnli" else [kind]
 
 
 def parse_label(task, raw, where):
@@ -89,24 +76,18 @@ def read_tsv(path, task, has_labels):
     if not rows:
         raise ValueError(f"{path} has no data rows: the file is empty or truncated")
     text_a, text_b, label = task["columns"]
-    wanted = [text_a] + ([text_b] if text_b else []) + ([label] if has_labels else [])
-    missing = [c for c in wanted if c not in header]
+    missing = [c for c in (text_a, text_b, label if has_labels else None) if c and c not in header]
     if missing:
         raise ValueError(f"{path}: header has no column {missing}; found {header}")
-    index_col = next((c for c in ("index", "id") if c in header), None)
-    out = {"text_a": [], "text_b": [] if text_b else None, "label": [] if has_labels else None, "index": []}
     for n, row in enumerate(rows):
-        where = f"{path} line {n + first_data_line}"
         if len(row) != len(header):
-            raise ValueError(f"{where}: {len(row)} columns where the header has {len(header)} (malformed row)")
-        record = dict(zip(header, row))
-        out["text_a"].append(record[text_a])
-        if text_b:
-            out["text_b"].append(record[text_b])
-        if has_labels:
-            out["label"].append(parse_label(task, record[label], where))
-        out["index"].append(record[index_col] if index_col else str(n))
-    return out
+            raise ValueError(f"{path} line {n + first_data_line}: {len(row)} columns where the header has "
+                             f"{len(header)} (malformed row)")
+    column = {name: [row[i] for row in rows] for i, name in enumerate(header)}
+    index_col = next((c for c in ("index", "id") if c in header), None)
+    return {"text_a": column[text_a], "text_b": column[text_b] if text_b else None,
+            "label": [parse_label(task, raw, f"{path} line {n + first_data_line}") for n, raw in enumerate(column[label])]
+            if has_labels else None, "index": column[index_col] if index_col else [str(n) for n in range(len(rows))]}
 
 
 def load_split(task_name, split, data_dir):
@@ -116,7 +97,8 @@ def load_split(task_name, split, data_dir):
     if data_dir:
         if not os.path.isdir(data_dir):
             raise FileNotFoundError(f"--data_dir {data_dir} does not exist: give the folder that holds {task['folder']}/")
-        return read_tsv(os.path.join(data_dir, task["folder"], SPLIT_FILES[split]), task, has_labels)
+        file_name = split.replace("validation", "dev") + ".tsv"  # dev.tsv, dev_matched.tsv, test_mismatched.tsv, ...
+        return read_tsv(os.path.join(data_dir, task["folder"], file_name), task, has_labels)
     import datasets  # only this path needs it: local runs never touch the hub
 
     rows = datasets.load_dataset("nyu-mll/glue", task_name, split=split)
@@ -128,33 +110,24 @@ def load_split(task_name, split, data_dir):
 def tokenize(split_data, tokenizer, max_seq_length):
     """Tokenize a whole split once, in batches with the fast tokenizer; no padding here (see collate)."""
     encoded = tokenizer(split_data["text_a"], split_data["text_b"], truncation=True, max_length=max_seq_length)
-    examples = []
-    for i, input_ids in enumerate(encoded["input_ids"]):
-        example = {"input_ids": input_ids}
-        if "token_type_ids" in encoded:
-            example["token_type_ids"] = encoded["token_type_ids"][i]
-        if split_data["label"] is not None:
-            example["label"] = split_data["label"][i]
-        examples.append(example)
+    keys = [k for k in ("input_ids", "token_type_ids") if k in encoded]
+    examples = [{k: encoded[k][i] for k in keys} for i in range(len(encoded["input_ids"]))]
+    for example, label in zip(examples, split_data["label"] or []):
+        example["label"] = label
     return examples
 
 
 def collate(examples, pad_token_id, pad_to_multiple_of=8):
-    """Pad a batch to its own longest member (dynamic padding), not to max_seq_length: on GLUE that
-    is most of the compute saved. Rounding up to a multiple of 8 keeps matmul shapes kernel-friendly
-    and leaves torch.compile few distinct shapes."""
-    longest = max(len(e["input_ids"]) for e in examples)
-    length = math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, e in enumerate(examples):
-        input_ids[row, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        attention_mask[row, :len(e["input_ids"])] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if "token_type_ids" in examples[0]:
-        batch["token_type_ids"] = torch.zeros_like(input_ids)
-        for row, e in enumerate(examples):
-            batch["token_type_ids"][row, :len(e["token_type_ids"])] = torch.tensor(e["token_type_ids"])
+    """Pad a batch to its own longest member (dynamic padding), not to max_seq_length: most of the compute saved
+    on GLUE. A multiple of 8 keeps matmul shapes kernel-friendly and gives torch.compile few distinct shapes."""
+    length = math.ceil(max(len(e["input_ids"]) for e in examples) / pad_to_multiple_of) * pad_to_multiple_of
+    batch = {}
+    for key, pad_value in (("input_ids", pad_token_id), ("token_type_ids", 0)):
+        if key in examples[0]:
+            batch[key] = torch.full((len(examples), length), pad_value, dtype=torch.long)
+            for row, e in enumerate(examples):
+                batch[key][row, :len(e[key])] = torch.tensor(e[key])
+    batch["attention_mask"] = (torch.arange(length) < torch.tensor([[len(e["input_ids"])] for e in examples])).long()
     if "label" in examples[0]:
         batch["labels"] = torch.tensor([e["label"] for e in examples])
     return batch
@@ -162,13 +135,10 @@ def collate(examples, pad_token_id, pad_to_multiple_of=8):
 
 def epoch_plan(lengths, per_device_batch, accumulation, world_size, rank, seed, epoch, group_by_length):
     """This rank's work for one epoch: a list of optimizer steps, each (examples in the step across all
-    ranks, [this rank's micro-batches as index lists]).
-
-    The global order depends only on (seed, epoch) - never on the world size or on how many epochs
-    ran before - so every rank derives the same order without communicating, each epoch reshuffles,
-    and a resumed run rebuilds exactly the order it was in. One optimizer step consumes
-    world_size * accumulation * per_device_batch examples; rank r takes every world_size-th micro-batch.
-    """
+    ranks, [this rank's micro-batches as index lists]). The global order depends only on (seed, epoch),
+    never on the world size or on earlier epochs, so every rank derives it without communicating, each
+    epoch reshuffles, and a resumed run rebuilds exactly the order it was in. A step takes
+    world_size * accumulation * per_device_batch examples; rank r takes every world_size-th micro-batch."""
     generator = np.random.default_rng([seed, epoch])
     order = generator.permutation(len(lengths))
     step_size = per_device_batch * accumulation * world_size

@@ -9,23 +9,20 @@ def accuracy(preds, labels):
 def f1(preds, labels):
     """Binary F1 of class 1; 0.0 when there is no positive prediction nor label (as sklearn)."""
     preds, labels = np.asarray(preds) == 1, np.asarray(labels) == 1
-    true_pos = np.sum(preds & labels)
-    denominator = 2 * true_pos + np.sum(preds & ~labels) + np.sum(~preds & labels)
-    return float(2 * true_pos / denominator) if denominator else 0.0
+    denominator = preds.sum() + labels.sum()  # (true + false positives) + (true positives + false negatives)
+    return float(2 * np.sum(preds & labels) / denominator) if denominator else 0.0
 
 
 def matthews_correlation(preds, labels):
     """Multiclass MCC from the confusion matrix; 0.0 when either side has a single class (as sklearn)."""
     classes, encoded = np.unique(np.concatenate([labels, preds]), return_inverse=True)
-    true, pred = encoded[:len(labels)], encoded[len(labels):]
     confusion = np.zeros((len(classes), len(classes)))
-    np.add.at(confusion, (true, pred), 1)
+    np.add.at(confusion, (encoded[:len(labels)], encoded[len(labels):]), 1)  # rows: true class, columns: predicted
     true_counts, pred_counts, n = confusion.sum(1), confusion.sum(0), confusion.sum()
     covariance = np.trace(confusion) * n - true_counts @ pred_counts
     variance_true, variance_pred = n * n - true_counts @ true_counts, n * n - pred_counts @ pred_counts
-    if variance_true * variance_pred == 0:
-        return 0.0
-    return float(covariance / np.sqrt(variance_true * variance_pred))
+    denominator = np.sqrt(variance_true * variance_pred)
+    return float(covariance / denominator) if denominator else 0.0
 
 
 def pearson(x, y):
@@ -38,14 +35,9 @@ def pearson(x, y):
 
 def average_ranks(x):
     """Ranks 1..n where tied values share the mean of the ranks they span."""
-    x = np.asarray(x)
-    order = np.argsort(x, kind="stable")
-    starts_run = np.r_[True, x[order][1:] != x[order][:-1]]
-    run_starts = np.flatnonzero(starts_run)
-    run_ends = np.r_[run_starts[1:], len(x)]
-    ranks = np.empty(len(x))
-    ranks[order] = ((run_starts + run_ends + 1) / 2)[np.cumsum(starts_run) - 1]
-    return ranks
+    _, group, group_size = np.unique(x, return_inverse=True, return_counts=True)
+    last_rank = np.cumsum(group_size)  # a group of k ties spans ranks last-k+1 .. last; their mean:
+    return (last_rank - (group_size - 1) / 2)[group]
 
 
 def spearman(x, y):

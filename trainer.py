@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import collate, epoch_plan
@@ -44,27 +43,25 @@ def seed_everything(seed):
 
 
 def get_rng_state():
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    kind, keys, position, has_gauss, gauss = np.random.get_state()  # keys as a list: weights_only loads no ndarray
+    return {"python": random.getstate(), "numpy": (kind, keys.tolist(), position, has_gauss, gauss),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}  # [] without CUDA
 
 
 def set_rng_state(state):
     random.setstate(state["python"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    np.random.set_state(tuple(np.array(v, dtype=np.uint32) if isinstance(v, list) else v for v in state["numpy"]))
-    if "cuda" in state and torch.cuda.is_available():
+    if torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def all_gather(obj, world_size):
     """Every rank's `obj`, in rank order (just [obj] when running without a process group)."""
-    if world_size == 1:
-        return [obj]
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, obj)
+    gathered = [obj] * world_size
+    if world_size > 1:
+        dist.all_gather_object(gathered, obj)
     return gathered
 
 
@@ -75,8 +72,7 @@ def run_config(args, world_size):
 
 
 def build_optimizer(model, learning_rate, weight_decay, device):
-    # Weight decay pulls weights towards zero; biases and LayerNorm gains (the 1-D parameters in any
-    # architecture) should not be pulled, so they get none.
+    # Decay pulls weights towards zero; biases and norm gains (the 1-D parameters in any architecture) get none.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -103,17 +99,17 @@ def loss_sum(logits, labels, regression):
 
 
 @torch.no_grad()
-def predict(model, examples, batch_size, pad_id, device, autocast, rank, world_size, regression):
-    """Predictions for every example, in order, on every rank. Each rank takes every world_size-th
-    example (of a length-sorted order, so batches need little padding) and the pieces are gathered
-    by index: every example counted once, none padded in twice as a DistributedSampler would."""
+def predict(model, examples, batch_size, regression, ctx):
+    """Predictions for every example, in order, on every rank. Rank r predicts every world_size-th example of a
+    length-sorted order (little padding); gathered by index, each counts once (DistributedSampler pads twice)."""
     model.eval()
+    rank, world_size = ctx["rank"], ctx["world_size"]
     by_length = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     mine, outputs = by_length[rank::world_size], []
     for start in range(0, len(mine), batch_size):
-        batch = collate([examples[i] for i in mine[start:start + batch_size]], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        with autocast:
+        batch = collate([examples[i] for i in mine[start:start + batch_size]], ctx["pad_id"])
+        batch = {k: v.to(ctx["device"]) for k, v in batch.items() if k != "labels"}
+        with ctx["autocast"]:
             logits = model(**batch).logits.float()
         outputs.append(logits.squeeze(-1) if regression else logits.argmax(-1))
     mine_out = torch.cat(outputs).cpu().numpy() if outputs else np.zeros(0)
@@ -128,27 +124,23 @@ def evaluate(model, eval_sets, task, args, ctx):
     """Metrics of each dev split, prefixed by split name when a task has several (MNLI)."""
     results = {}
     for split, examples in eval_sets.items():
-        preds = predict(model, examples, args.per_device_eval_batch_size, ctx["pad_id"], ctx["device"],
-                        ctx["autocast"], ctx["rank"], ctx["world_size"], task["labels"] is None)
+        preds = predict(model, examples, args.per_device_eval_batch_size, task["labels"] is None, ctx)
         metrics = compute_metrics(task["metrics"], preds, np.array([e["label"] for e in examples]))
         prefix = "" if len(eval_sets) == 1 else split.replace("validation_", "") + "_"
         results.update({prefix + name: value for name, value in metrics.items()})
     return results
 
 
-def fsync(path):
+def fsync(path):  # to disk, not just the page cache: a rename must never land before the data it names
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
 
 
 def save_checkpoint(output_dir, step, state):
-    """Write checkpoint-{step}/ so that a crash at any moment leaves either the complete checkpoint or
-    nothing under that name: everything goes into a .tmp folder, the COMPLETE marker last, each file
-    flushed to disk, and only then is the folder renamed (one atomic step on POSIX)."""
+    """Write checkpoint-{step}/ so that a crash at any moment leaves the complete checkpoint or nothing under that
+    name: all goes to a .tmp folder, COMPLETE marker last, flushed to disk, then one atomic rename (POSIX)."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
-    if os.path.isfile(os.path.join(final, "COMPLETE")):
-        return final  # this exact step is already safely on disk (a resumed run saving it again)
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -156,14 +148,13 @@ def save_checkpoint(output_dir, step, state):
         torch.save(state, os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, "COMPLETE"), "w") as f:
             f.write(f"{step}\n")
-        for name in ("state.pt", "COMPLETE"):  # on disk, not just in the page cache, before the rename
+        for name in ("state.pt", "COMPLETE"):
             fsync(os.path.join(tmp, name))
     except (OSError, RuntimeError) as e:  # disk full, quota, I/O error: the older checkpoints are untouched
         raise OSError(f"could not write checkpoint {final} ({e}); the previous checkpoints are intact") from None
-    shutil.rmtree(final, ignore_errors=True)  # a half-deleted leftover without COMPLETE
+    shutil.rmtree(final, ignore_errors=True)  # an older save of this step (resumed from before it), or a leftover
     os.replace(tmp, final)
     fsync(output_dir)
-    return final
 
 
 def save_pretrained_atomically(model, tokenizer, path):
@@ -234,11 +225,8 @@ def check_resumable(saved, current, allow_change):
 def rotate_checkpoints(output_dir, limit, keep_step):
     """Delete the oldest checkpoints beyond `limit`, never the one holding the best model. Renaming to
     .tmp first makes each vanish at once; a kill mid-delete leaves no half checkpoint behind."""
-    checkpoints = list_checkpoints(output_dir)
-    keep = set(checkpoints[:limit]) | {os.path.join(output_dir, f"checkpoint-{keep_step}")}
-    for path in checkpoints[limit:]:
-        if path not in keep:
-            os.replace(path, path + ".tmp")
+    for path in set(list_checkpoints(output_dir)[limit:]) - {os.path.join(output_dir, f"checkpoint-{keep_step}")}:
+        os.replace(path, path + ".tmp")
     for name in os.listdir(output_dir):  # also what earlier crashes left mid-write
         if name.startswith("checkpoint-") and name.endswith(".tmp"):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
@@ -250,16 +238,11 @@ def log_json(output_dir, record):
 
 
 def truncate_log(output_dir, step):
-    """After a resume, drop the records past the checkpoint (the crashed run logged them, this one
-    redoes them) and any line a kill cut short."""
+    """On resume, drop records past the checkpoint (this run redoes those steps) and a line a kill cut short."""
     path = os.path.join(output_dir, "log.jsonl")
     if os.path.isfile(path):
-        kept = []
         with open(path) as f:
-            for line in f:
-                with contextlib.suppress(ValueError):
-                    if json.loads(line)["step"] <= step:
-                        kept.append(line.rstrip("\n") + "\n")
+            kept = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] <= step]
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)
@@ -272,23 +255,23 @@ def train(args, model, tokenizer, train_set, eval_sets, task, ctx, resume_state=
     if args.gradient_checkpointing:  # recompute activations in backward: less memory, ~30% more compute
         model.gradient_checkpointing_enable()
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, device)
-    config = run_config(args, world_size)
-    global_batch = config["global_batch_size"]
-    # The plan's formula for how many steps an epoch has: full steps plus a short last one, if any.
-    steps_per_epoch = len(train_set) // global_batch + (len(train_set) % global_batch >= world_size)
+    lengths = [len(e["input_ids"]) for e in train_set]
+    def plan_of(epoch):  # this rank's steps in one epoch: see data.epoch_plan
+        return epoch_plan(lengths, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                          world_size, rank, args.seed, epoch, args.group_by_length)
+    steps_per_epoch = len(plan_of(0))
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
     warmup_steps = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
     scheduler = build_scheduler(optimizer, args.lr_scheduler_type, warmup_steps, total_steps)
     # fp16 has a narrow range: small gradients underflow to 0. The scaler multiplies the loss by a large
     # factor before backward and divides it out before the update; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     progress = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_eval": None, "best_step": None,
                 "nonfinite_streak": 0, "skipped_steps": 0}
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        scaler.load_state_dict(resume_state["scaler"])
+        for key, obj in stateful.items():
+            obj.load_state_dict(resume_state[key])
         progress.update(resume_state["progress"])
         if len(resume_state["rng"]) == world_size:  # each rank continues its own dropout stream
             set_rng_state(resume_state["rng"][rank])
@@ -297,24 +280,20 @@ def train(args, model, tokenizer, train_set, eval_sets, task, ctx, resume_state=
     if args.torch_compile:
         model.compile()  # compiles in place, so state_dict keys stay those of the plain model
     # DDP all-reduces (averages) gradients across ranks during backward, overlapped with computation.
-    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else model
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     preempted = []
     signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum))
-    lengths = [len(e["input_ids"]) for e in train_set]
     window = torch.zeros(3, dtype=torch.float64)  # loss sum, examples, real tokens since the last log
-    window_start = start_time = time.perf_counter()
-    done_examples = done_tokens = 0
-    last_eval = None
-    step = progress["step"]
+    totals, window_seconds, train_seconds = torch.zeros(3, dtype=torch.float64), 0.0, 0.0
+    start_time = time.perf_counter()
+    step, last_eval = progress["step"], None
     bar = tqdm(total=total_steps, initial=step, disable=not main_process, desc="train")
     model.train()
     while step < total_steps:
-        plan = epoch_plan(lengths, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                          world_size, rank, args.seed, progress["epoch"], args.group_by_length)
+        plan = plan_of(progress["epoch"])
         # Skipping the steps already done (after a resume) continues exactly where the run stopped.
         for examples_in_step, micro_batches in plan[progress["step_in_epoch"]:]:
-            step_loss = torch.zeros((), device=device)
+            step_start, step_loss = time.perf_counter(), torch.zeros((), device=device)
             for i, indices in enumerate(micro_batches):
                 batch = collate([train_set[j] for j in indices], ctx["pad_id"])
                 window[1:] += torch.tensor([len(indices), int(batch["attention_mask"].sum())])
@@ -335,7 +314,7 @@ def train(args, model, tokenizer, train_set, eval_sets, task, ctx, resume_state=
             # Clip the true gradients: unscale first, or the threshold would apply to scaled ones.
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf))
-            if math.isfinite(grad_norm):  # one host sync per step, also reused for the log
+            if math.isfinite(grad_norm):  # the step's one host sync: skipping must be decided on the host
                 scaler.step(optimizer)  # plain optimizer.step() unless fp16
                 scheduler.step()  # not after a skipped step, or the schedule would run ahead of the updates
                 progress["nonfinite_streak"] = 0
@@ -345,36 +324,33 @@ def train(args, model, tokenizer, train_set, eval_sets, task, ctx, resume_state=
             scaler.update()  # fp16: halve the scale after an overflow, grow it after a run of good steps
             optimizer.zero_grad(set_to_none=True)  # frees the gradient memory instead of filling zeros
             window[0] += step_loss.cpu().double()
-            step += 1
-            progress["step"], progress["step_in_epoch"] = step, progress["step_in_epoch"] + 1
+            window_seconds += time.perf_counter() - step_start  # training only: eval and saves excluded
+            step = progress["step"] = step + 1
+            progress["step_in_epoch"] += 1
             if progress["nonfinite_streak"] >= args.max_nonfinite_steps:
-                raise RuntimeError(f"{progress['nonfinite_streak']} consecutive steps had non-finite gradients "
-                                   f"(step {step}); lower --learning_rate, use --bf16, or check the data. "
-                                   f"The last checkpoint in {args.output_dir} is intact")
+                raise RuntimeError(f"{args.max_nonfinite_steps} steps in a row had non-finite gradients (at step {step}): "
+                                   "lower --learning_rate, use --bf16, or check the data; the checkpoints are intact")
             epoch_done = progress["step_in_epoch"] == len(plan)
             if epoch_done:
                 progress["epoch"], progress["step_in_epoch"] = progress["epoch"] + 1, 0
-            stop = bool(preempted)
+            stop = torch.tensor([float(bool(preempted))], device=device)
             if world_size > 1:  # every rank must agree to stop after the same step
-                flag = torch.tensor([float(stop)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop = bool(flag.item())
-            last = step == total_steps
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            last, stop = step == total_steps, bool(stop.item())
             save = stop or last or (step % args.save_steps == 0 if args.save_steps else epoch_done)
             if save or step % args.logging_steps == 0:  # also log at saves, so a resume starts a fresh window
                 if world_size > 1:
                     dist.all_reduce(window)
-                elapsed = time.perf_counter() - window_start
-                record = {"step": step, "epoch": round(step / steps_per_epoch, 3),
-                          "loss": float(window[0] / window[1]), "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": grad_norm, "skipped_steps": progress["skipped_steps"], "samples_per_second": float(window[1]) / elapsed,
-                          "tokens_per_second": float(window[2]) / elapsed}
-                done_examples, done_tokens = done_examples + int(window[1]), done_tokens + int(window[2])
+                totals += window
+                loss_total, examples, tokens = window.tolist()
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": loss_total / examples,
+                          "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "skipped_steps": progress["skipped_steps"],
+                          "samples_per_second": examples / window_seconds, "tokens_per_second": tokens / window_seconds}
                 if main_process:
                     log_json(args.output_dir, record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
                 window.zero_()
-                window_start = time.perf_counter()
+                train_seconds, window_seconds = train_seconds + window_seconds, 0.0
             bar.update(1)
             if last or (step % args.eval_steps == 0 if args.eval_steps else epoch_done):
                 last_eval = evaluate(model, eval_sets, task, args, ctx)  # the unwrapped model: no DDP hooks
@@ -386,29 +362,25 @@ def train(args, model, tokenizer, train_set, eval_sets, task, ctx, resume_state=
                     progress["best_eval"], progress["best_step"] = last_eval, step
                     if main_process:
                         save_pretrained_atomically(model, tokenizer, os.path.join(args.output_dir, "best"))
-                window_start = time.perf_counter()
             if save:
                 rng = all_gather(get_rng_state(), world_size)  # each rank has its own dropout stream
                 if main_process:  # DDP keeps replicas identical: one copy of model and optimizer
-                    save_checkpoint(args.output_dir, step, {
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                        "progress": progress, "config": config, "rng": rng})
+                    save_checkpoint(args.output_dir, step, {key: obj.state_dict() for key, obj in stateful.items()}
+                                    | {"progress": progress, "config": run_config(args, world_size), "rng": rng})
                     rotate_checkpoints(args.output_dir, args.save_total_limit, progress["best_step"])
                 if world_size > 1:  # nobody exits (and gets the group torn down) before the save is on disk
                     dist.barrier()
-                window_start = time.perf_counter()
             if stop:
                 bar.close()
                 if main_process:
-                    tqdm.write(f"preempted: checkpoint-{step} saved; rerun with --resume_from_checkpoint auto", file=sys.stderr)
+                    print(f"preempted: checkpoint-{step} saved; rerun with --resume_from_checkpoint auto", file=sys.stderr)
                 raise SystemExit(PREEMPTED_EXIT_CODE)
-            if step == total_steps:
+            if last:
                 break
     bar.close()
     runtime = time.perf_counter() - start_time
     if last_eval is None:  # resumed from the final checkpoint: nothing left to train
         last_eval = evaluate(model, eval_sets, task, args, ctx)
     return {"final": last_eval, "best": progress["best_eval"], "best_step": progress["best_step"], "global_step": step,
-            "train_runtime": runtime, "train_samples_per_second": done_examples / runtime,
-            "train_tokens_per_second": done_tokens / runtime}
+            "train_runtime": runtime, "train_seconds": train_seconds,  # runtime less evaluations and saves
+            "train_samples_per_second": float(totals[1]) / train_seconds, "train_tokens_per_second": float(totals[2]) / train_seconds}

@@ -50,7 +50,7 @@ CASES = {
                           "score 'five' is not a number"),
     "sequence too long": (["--max_seq_length", 4096], None, "--max_seq_length 4096 exceeds the model's limit of 512"),
     "fp16 and bf16": (["--fp16", "--bf16"], None, "--fp16 and --bf16 are exclusive"),
-    "batch size 0": (["--per_device_train_batch_size", 0], None, "batch sizes must be >= 1"),
+    "batch size 0": (["--per_device_train_batch_size", 0], None, r"--per_device_train_batch_size must be >= 1 \(got 0\)"),
     "negative learning rate": (["--learning_rate=-1e-5"], None, "--learning_rate must be > 0"),
     "zero accumulation": (["--gradient_accumulation_steps", 0], None, "--gradient_accumulation_steps must be >= 1"),
     "resume from nowhere": (["--resume_from_checkpoint", "/nonexistent/checkpoint-9"], None, "does not exist"),
