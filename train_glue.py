@@ -109,12 +109,14 @@ def prepare_output_dir(args, rank, world_size):
     if previous and not args.resume_from_checkpoint and not args.overwrite_output_dir:
         raise ValueError(f"{args.output_dir} already holds a run ({', '.join(sorted(previous)[:3])}...): "
                          "pass --resume_from_checkpoint auto to continue it or --overwrite_output_dir to replace it")
-    os.makedirs(args.output_dir, exist_ok=True)
-    if not os.access(args.output_dir, os.W_OK):
-        raise PermissionError(f"output dir {args.output_dir} is not writable: choose another --output_dir")
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if not os.access(args.output_dir, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        raise OSError(f"cannot write to --output_dir {args.output_dir} ({e.strerror or e}): choose another one") from None
     if args.overwrite_output_dir and not args.resume_from_checkpoint and rank == 0:
-        for name in previous:
-            path = os.path.join(args.output_dir, name)
+        for path in (os.path.join(args.output_dir, name) for name in previous):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     if world_size > 1:  # nobody starts writing before rank 0 has finished deleting
         dist.barrier()

@@ -249,6 +249,18 @@ def test_changed_world_size_with_the_same_global_batch_resumes_exactly(tiny_mode
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("how", ["a file in the way", "no write permission"])
+def test_an_unwritable_output_dir_is_a_clear_error(tiny_model, tmp_path, monkeypatch, how):
+    (tmp_path / "file").write_text("not a folder")
+    out = str(tmp_path / "file" / "run") if how == "a file in the way" else str(tmp_path / "run")
+    if how == "no write permission":  # root ignores chmod, so os.access is made to answer as for a read-only folder
+        os.makedirs(out)
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: access(path, mode, **kw) and path != out)
+    with pytest.raises(OSError, match=f"cannot write to --output_dir {out} .*choose another one"):
+        train_in_process(tiny_model, out, "--max_train_samples", 8, "--max_steps", 1)
+
+
 def test_a_failing_save_is_a_clear_error_and_the_previous_checkpoint_still_loads(tiny_model, tmp_path, monkeypatch):
     real_save, saves = torch.save, [0]
 
