@@ -378,9 +378,9 @@ def train(args, model, tokenizer, train_set, eval_sets, task, ctx, resume_state=
             if last:
                 break
     bar.close()
-    runtime = time.perf_counter() - start_time
     if last_eval is None:  # resumed from the final checkpoint: nothing left to train
         last_eval = evaluate(model, eval_sets, task, args, ctx)
     return {"final": last_eval, "best": progress["best_eval"], "best_step": progress["best_step"], "global_step": step,
-            "train_runtime": runtime, "train_seconds": train_seconds,  # runtime less evaluations and saves
-            "train_samples_per_second": float(totals[1]) / train_seconds, "train_tokens_per_second": float(totals[2]) / train_seconds}
+            "train_runtime": time.perf_counter() - start_time, "train_seconds": train_seconds,  # runtime less evaluations and saves
+            "train_samples_per_second": float(totals[1]) / (train_seconds or math.inf),  # 0 if nothing was left to train
+            "train_tokens_per_second": float(totals[2]) / (train_seconds or math.inf)}

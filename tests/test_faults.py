@@ -1,5 +1,6 @@
 """Faults a long run on preemptible machines meets: kill -9, SIGTERM, a dying rank, broken checkpoints,
 NaNs, changed settings, disk errors. Each must end in the same weights as a clean run, or a clear error."""
+import json
 import os
 import random
 import shutil
@@ -247,6 +248,15 @@ def test_changed_world_size_with_the_same_global_batch_resumes_exactly(tiny_mode
     a, b = model_weights(f"{straight}/final"), model_weights(f"{out}/final")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_resuming_a_finished_run_evaluates_and_exits_cleanly(tiny_model, tmp_path):
+    out = str(tmp_path / "run")
+    train_in_process(tiny_model, out, "--max_train_samples", 16, "--per_device_train_batch_size", 8, "--max_steps", 2)
+    train_in_process(tiny_model, out, "--max_train_samples", 16, "--per_device_train_batch_size", 8, "--max_steps", 2,
+                     "--resume_from_checkpoint", "auto")
+    results = json.load(open(f"{out}/results.json"))
+    assert results["global_step"] == 2 and results["train_samples_per_second"] == 0.0 and results["final"]
 
 
 @pytest.mark.parametrize("how", ["a file in the way", "no write permission"])
