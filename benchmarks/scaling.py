@@ -42,14 +42,16 @@ def train_point(data_dir, model, length, batch, steps, bf16):
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "train_glue.py", "--task_name", "mrpc", "--data_dir", data_dir, "--output_dir", out,
                    "--model_name_or_path", model, "--max_seq_length", str(length), "--per_device_train_batch_size",
-                   str(batch), "--max_steps", str(steps), "--max_eval_samples", "8", "--logging_steps", str(steps)]
+                   str(batch), "--max_steps", str(steps), "--max_eval_samples", "8", "--logging_steps", "1"]
         rc, peak, _ = watch(command + (["--bf16"] if bf16 else []), dict(os.environ))
         if rc != 0:
             raise SystemExit(f"run failed: {' '.join(command)}")
         with open(os.path.join(out, "log.jsonl")) as f:
-            record = [json.loads(line) for line in f if '"loss"' in line][-1]
-    return {"length": length, "batch": batch, "tokens_per_second": record["tokens_per_second"],
-            "samples_per_second": record["samples_per_second"], "peak_gib": peak / 2 ** 30}
+            steps_after_warmup = [json.loads(line) for line in f if '"loss"' in line][1:]
+    seconds = sum(batch / r["samples_per_second"] for r in steps_after_warmup)  # one record per step
+    return {"length": length, "batch": batch, "samples_per_second": batch * len(steps_after_warmup) / seconds,
+            "tokens_per_second": sum(batch / r["samples_per_second"] * r["tokens_per_second"]
+                                     for r in steps_after_warmup) / seconds, "peak_gib": peak / 2 ** 30}
 
 
 def prep_point(sst2_train, rows, tokenizer):
@@ -71,7 +73,7 @@ def main():
     parser.add_argument("--batches", default="8,16,32,64")
     parser.add_argument("--length_sweep_batch", type=int, default=16)
     parser.add_argument("--batch_sweep_length", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per point (the first is warm-up)")
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per point; the first, warm-up, is not timed")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--plot", default=os.path.join(ROOT, "benchmarks", "scaling.png"))
     parser.add_argument("--json")
@@ -95,8 +97,7 @@ def main():
         print(results["prep"][-1], flush=True)
 
     precision = "bf16" if args.bf16 else "fp32"
-    print(f"\n{precision}, {args.steps} steps per point (log window of the last {args.steps - 1 if args.steps > 1 else 1}), "
-          f"{time.strftime('%Y-%m-%d')}")
+    print(f"\n{precision}, {args.steps} steps per point, the first not timed, {time.strftime('%Y-%m-%d')}")
     print("max_seq_length  batch  tokens/s  samples/s  peak GiB")
     for r in results["length"] + results["batch"]:
         print(f"{r['length']:>14}  {r['batch']:>5}  {r['tokens_per_second']:>8.0f}  {r['samples_per_second']:>9.2f}  "
