@@ -159,7 +159,7 @@ def hf_worker(spec):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="320 training examples, 1 epoch, 2 rounds")
+    parser.add_argument("--quick", action="store_true", help="256 training examples, 1 epoch, 2 rounds")
     parser.add_argument("--task", default="mrpc")
     parser.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "glue"))
     parser.add_argument("--model", default=None, help="default: the local all-MiniLM-L6-v2")
@@ -175,7 +175,7 @@ def main():
     if args.hf_worker:
         return hf_worker(json.loads(args.hf_worker))
     if args.quick:
-        args.epochs, args.rounds, args.max_train_samples, args.max_eval_samples = 1.0, 2, 320, 100
+        args.epochs, args.rounds, args.max_train_samples, args.max_eval_samples = 1.0, 2, 256, 64
     args.model = args.model or default_model()
     args.data_dir = os.path.abspath(args.data_dir)
 
