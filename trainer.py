@@ -411,14 +411,14 @@ def advance(progress, update_applied, steps_in_epoch, max_nonfinite_steps):
 def wrap_for_ddp(model, find_unused_parameters):
     """DDP all-reduces (averages) the gradients across ranks during backward, overlapped with it."""
     device = next(model.parameters()).device
-    # broadcast_buffers would resend every buffer from rank 0 before each forward; only buffers that
-    # training changes need it (BatchNorm's running statistics). A transformer's are constants.
+    # forward_sync_buffers would resend every buffer from rank 0 before each forward; only buffers
+    # that training changes need it (BatchNorm's running statistics). A transformer's are constants.
     has_running_stats = any(getattr(m, "running_mean", None) is not None for m in model.modules())
     return torch.nn.parallel.DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
         gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copies
-        broadcast_buffers=has_running_stats,
+        forward_sync_buffers=has_running_stats,
         # A model whose forward skips some parameters must say so, or DDP waits for their
         # gradients (and raises at the next step); finding them costs a graph walk per step.
         find_unused_parameters=find_unused_parameters,
@@ -771,11 +771,16 @@ def load_checkpoint_on_every_rank(output_dir, resume_from):
 
 def restore(checkpoint, args, model, optimizer, scheduler, scaler):
     """Load a checkpoint into the freshly built objects; returns its progress (the position)."""
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    if checkpoint["scaler"]:  # empty when the checkpoint's run had no fp16
-        scaler.load_state_dict(checkpoint["scaler"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint["scaler"]:  # empty when the checkpoint's run had no fp16
+            scaler.load_state_dict(checkpoint["scaler"])
+    except (RuntimeError, ValueError, KeyError) as error:  # only with --ignore_checkpoint_mismatch
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"the checkpoint does not fit this model ({first_line}): resume with "
+                         "the model it was trained from") from None  # fmt: skip
     apply_hyperparameters(optimizer, scheduler, args.learning_rate, args.weight_decay)
     progress = dict(checkpoint["progress"])
     if len(checkpoint["rng"]) == get_world_size():  # each rank continues its own dropout stream

@@ -1,9 +1,14 @@
 import json
 import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
 
 import torch
 
-from conftest import GLUE, model_weights, run_cli
+from conftest import GLUE, ROOT, model_weights, run_cli
 
 
 def test_ddp_two_processes_match_one_process_and_evaluate_every_example_once(tiny_model, tmp_path):
@@ -56,3 +61,75 @@ def test_ddp_two_processes_match_one_process_and_evaluate_every_example_once(tin
         line.split("\t")[0] for line in predictions[1][1:]
     ] == test_ids  # every test row once, in order
     assert predictions[0] == predictions[1]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(tmp_path, args, data_dirs=(GLUE, GLUE)):
+    """Two `torchrun --nnodes=2` launches on this machine, each in its own working directory with
+    a relative --output_dir: two nodes that share no filesystem. Returns their results."""
+    port = free_port()
+    processes = []
+    for node in (0, 1):
+        cwd = tmp_path / f"node{node}"
+        cwd.mkdir(exist_ok=True)
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                   f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                   os.path.join(ROOT, "train_glue.py"), "--data_dir", data_dirs[node], "--output_dir", "run",
+                   *[str(a) for a in args]]  # fmt: skip
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        processes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    return [(p.wait(timeout=240), p.stdout.read()) for p in processes]
+
+
+def errors(output):
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def test_two_nodes_without_a_shared_filesystem_stop_together_instead_of_drifting(
+    tiny_model, tmp_path
+):
+    args = ["--task_name", "mrpc", "--model_name_or_path", tiny_model, "--max_train_samples", 32,
+            "--per_device_train_batch_size", 4, "--max_eval_samples", 16, "--save_steps", 2]  # fmt: skip
+    (first, out0), (second, out1) = two_nodes(tmp_path, args + ["--max_steps", 4])
+    assert first == second == 0, out0 + out1
+    assert os.path.isdir(tmp_path / "node0" / "run" / "checkpoint-4")
+    assert not (tmp_path / "node1" / "run").exists()  # rank 0 alone writes
+    # Node 0 sees checkpoint-4, node 1 sees none: every rank stops, with one error line.
+    results = two_nodes(tmp_path, args + ["--max_steps", 8, "--resume_from_checkpoint", "auto"])
+    assert [code for code, _ in results] == [1, 1]
+    assert errors(results[1][1]) == []
+    [message] = errors(results[0][1])
+    assert "rank 1 cannot load the checkpoint rank 0 chose" in message
+    assert "filesystem every node sees" in message
+    assert sorted(os.listdir(tmp_path / "node0" / "run")).count("checkpoint-4") == 1
+
+
+def test_nodes_with_different_training_data_refuse_to_start(tiny_model, tmp_path):
+    other = tmp_path / "other-glue"
+    shutil.copytree(os.path.join(GLUE, "MRPC"), other / "MRPC")
+    lines = (other / "MRPC" / "train.tsv").read_text(encoding="utf-8-sig").splitlines(keepends=True)
+    label, rest = lines[1].split("\t", 1)
+    lines[1] = ("0" if label == "1" else "1") + "\t" + rest  # one label differs
+    (other / "MRPC" / "train.tsv").write_text("".join(lines))
+    args = ["--task_name", "mrpc", "--model_name_or_path", tiny_model, "--max_train_samples", 32,
+            "--per_device_train_batch_size", 4, "--max_steps", 2]  # fmt: skip
+    results = two_nodes(tmp_path, args, data_dirs=(GLUE, str(other)))
+    assert [code for code, _ in results] == [1, 1]
+    [message] = errors(results[0][1])
+    assert "the ranks read different training data" in message and errors(results[1][1]) == []
+    assert not (tmp_path / "node0" / "run").exists()
+
+
+def test_an_error_under_torchrun_is_printed_once(tiny_model, tmp_path):
+    result = run_cli(["--task_name", "rte", "--data_dir", GLUE, "--model_name_or_path", tiny_model,
+                      "--output_dir", tmp_path / "out", "--max_seq_length", 3], torchrun=2, check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert errors(result.stderr) == [
+        "error: --max_seq_length 3 is too short for rte: at least 5 tokens"
+    ]

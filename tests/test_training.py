@@ -9,7 +9,14 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import data
 import trainer
-from conftest import GLUE, checkpoint_state, model_weights, read_log, train_in_process
+from conftest import (
+    GLUE,
+    checkpoint_state,
+    make_tiny_model,
+    model_weights,
+    read_log,
+    train_in_process,
+)
 
 
 def batch_loss(model_dir, examples, tokenizer):
@@ -217,3 +224,17 @@ def test_each_step_is_logged_once_after_resuming_from_an_earlier_checkpoint(tiny
     resumed = [r for r in read_log(out) if "loss" in r]
     assert [r["step"] for r in resumed] == list(range(1, 9))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+
+
+def test_a_checkpoint_stored_in_bf16_trains_with_fp32_weights_and_optimizer_state(tmp_path):
+    """transformers loads weights in the dtype the checkpoint was saved in; AdamW's small updates
+    would vanish in bf16 master weights, so the trainer loads fp32 whatever it finds."""
+    bf16_model = make_tiny_model(str(tmp_path / "bf16-model"), dropout=0.0, dtype=torch.bfloat16)
+    assert {v.dtype for v in model_weights(bf16_model).values()} == {torch.bfloat16}
+    out = train_in_process(bf16_model, str(tmp_path / "run"), "--max_train_samples", 16,
+                           "--per_device_train_batch_size", 8, "--max_steps", 2, "--bf16")  # fmt: skip
+    state = checkpoint_state(f"{out}/checkpoint-2")
+    assert {v.dtype for v in state["model"].values() if v.is_floating_point()} == {torch.float32}
+    moments = [s["exp_avg"].dtype for s in state["optimizer"]["state"].values()]
+    assert moments and set(moments) == {torch.float32}
+    assert {v.dtype for v in model_weights(f"{out}/final").values()} == {torch.float32}
