@@ -38,82 +38,48 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
+    # What to train, on what
     add("--task_name", required=True, type=str.lower, help=", ".join(data.TASKS))
     add("--model_name_or_path", default=DEFAULT_MODEL, help="a hub id or a local directory")
-    add(
-        "--data_dir",
-        default=os.environ.get("GLUE_DIR"),
-        help="classic GLUE folder (default $GLUE_DIR; neither: the hub's nyu-mll/glue)",
-    )
+    add("--data_dir", default=os.environ.get("GLUE_DIR"), help="classic GLUE folder ($GLUE_DIR)")
     add("--output_dir", required=True)
     add("--max_seq_length", type=int, default=128)
+    add("--max_train_samples", type=int)
+    add("--max_eval_samples", type=int)
+    add("--do_predict", action="store_true", help="write test predictions (GLUE's format)")
+    add("--do_train", "--do_eval", action="store_true", help="accepted, as run_glue.py's")
+    # How: batch, optimizer, schedule, precision
     add("--per_device_train_batch_size", type=int, default=32)
     add("--per_device_eval_batch_size", type=int, default=64)
+    add("--gradient_accumulation_steps", type=int, default=1)
     add("--learning_rate", type=float, default=5e-5)
     add("--weight_decay", type=float, default=0.01)
     add("--num_train_epochs", type=float, default=3.0)
-    add("--max_steps", type=int, default=-1, help="if > 0, overrides --num_train_epochs")
+    add("--max_steps", type=int, default=-1, help="if > 0, instead of --num_train_epochs")
+    add("--lr_scheduler_type", choices=("linear", "cosine", "constant"), default="linear")
     add("--warmup_ratio", type=float, default=0.0)
     add("--warmup_steps", type=int, default=0, help="instead of --warmup_ratio")
-    add("--lr_scheduler_type", choices=("linear", "cosine", "constant"), default="linear")
-    add("--gradient_accumulation_steps", type=int, default=1)
-    add("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    add("--max_grad_norm", type=float, default=1.0, help="0 turns clipping off")
     add("--bf16", action="store_true", help="bf16 autocast")
     add("--fp16", action="store_true", help="fp16 autocast with a GradScaler")
-    add(
-        "--tf32",
-        action="store_true",
-        help="GPU fp32 matmuls on TF32 tensor cores (10-bit mantissa)",
-    )
+    add("--tf32", action="store_true", help="TF32 tensor cores for GPU fp32 matmuls")
     add("--seed", type=int, default=42)
-    add("--eval_steps", type=int, default=0, help="evaluate every N steps (0: at each epoch's end)")
-    add("--save_steps", type=int, default=0, help="checkpoint every N steps (0: each epoch's end)")
-    add("--save_total_limit", type=int, default=2, help="checkpoints kept (plus the best one)")
-    add(
-        "--resume_from_checkpoint",
-        help="a checkpoint folder; 'latest' (one must exist) or 'auto' (if there is one)",
-    )
-    add(
-        "--ignore_checkpoint_mismatch",
-        action="store_true",
-        help="resume even if model, task, data, batch or precision changed",
-    )
-    add("--metric_for_best_model", help="default: the task's main metric")
-    add(
-        "--group_by_length",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="batch examples of similar length together (default; see README)",
-    )
+    add("--group_by_length", action=argparse.BooleanOptionalAction, default=True)
     add("--gradient_checkpointing", action="store_true")
     add("--torch_compile", action="store_true")
-    add("--ddp_timeout", type=int, default=1800, help="seconds any collective may wait")
-    add(
-        "--ddp_find_unused_parameters",
-        action="store_true",
-        help="for models whose forward skips some parameters",
-    )
-    add("--do_predict", action="store_true", help="write test predictions (GLUE submission format)")
-    add(
-        "--do_train",
-        "--do_eval",
-        action="store_true",
-        help="accepted for run_glue.py compatibility",
-    )
+    add("--max_nonfinite_steps", type=int, default=10, help="stop after N such steps in a row")
+    # Logging, evaluation, checkpoints
     add("--logging_steps", type=int, default=50)
-    add(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="delete the previous run's outputs first",
-    )
-    add("--max_train_samples", type=int)
-    add("--max_eval_samples", type=int)
-    add(
-        "--max_nonfinite_steps",
-        type=int,
-        default=10,
-        help="stop after this many non-finite steps in a row",
-    )
+    add("--eval_steps", type=int, default=0, help="every N steps (0: each epoch's end)")
+    add("--save_steps", type=int, default=0, help="every N steps (0: each epoch's end)")
+    add("--save_total_limit", type=int, default=2, help="checkpoints kept, plus the best one")
+    add("--metric_for_best_model", help="default: the task's main metric")
+    add("--resume_from_checkpoint", help="a checkpoint-N folder, 'latest' or 'auto'")
+    add("--ignore_checkpoint_mismatch", action="store_true", help="resume another run's anyway")
+    add("--overwrite_output_dir", action="store_true", help="delete the previous run's outputs")
+    # Distributed
+    add("--ddp_timeout", type=int, default=1800, help="seconds any collective may wait")
+    add("--ddp_find_unused_parameters", action="store_true", help="a forward skips parameters")
     add("--debug", action="store_true", help="show tracebacks")
     return parser.parse_args(argv)
 
@@ -121,6 +87,11 @@ def parse_args(argv=None):
 # =================================================================================================
 # Checks: every flag, before anything is loaded or written
 # =================================================================================================
+
+
+def require(condition, message):
+    if not condition:
+        raise ValueError(message)
 
 
 def check_args(args):
@@ -138,8 +109,7 @@ def check_args(args):
     ]
     for name in at_least_one:
         value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name} must be at least 1 (got {value})")
+        require(value is None or value >= 1, f"--{name} must be at least 1 (got {value})")
     for name in [
         "eval_steps",
         "save_steps",
@@ -148,34 +118,37 @@ def check_args(args):
         "weight_decay",
         "max_grad_norm",
     ]:
+        value = getattr(args, name)  # isfinite refuses nan and inf, which compare oddly
+        require(
+            math.isfinite(value) and value >= 0,
+            f"--{name} must be a finite number >= 0 (got {value})",
+        )
+    for name in ["learning_rate", "num_train_epochs"]:
         value = getattr(args, name)
-        if not (math.isfinite(value) and value >= 0):  # also refuses nan and inf
-            raise ValueError(f"--{name} must be a finite number >= 0 (got {value})")
-    if args.seed >= 2**32:
-        raise ValueError(f"--seed must be below 2**32 (got {args.seed})")
-    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
-        raise ValueError(f"--learning_rate must be a finite number > 0 (got {args.learning_rate})")
-    if not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
-        raise ValueError(
-            f"--num_train_epochs must be a finite number > 0 (got {args.num_train_epochs})"
+        require(
+            math.isfinite(value) and value > 0,
+            f"--{name} must be a finite number > 0 (got {value})",
         )
-    if args.max_steps != -1 and args.max_steps < 1:
-        raise ValueError(
-            f"--max_steps must be at least 1, or -1 for --num_train_epochs (got {args.max_steps})"
-        )
-    if not 0 <= args.warmup_ratio < 1:
-        raise ValueError(f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})")
-    if args.warmup_ratio > 0 and args.warmup_steps > 0:
-        raise ValueError("--warmup_ratio and --warmup_steps both given: pick one")
-    if args.fp16 and args.bf16:
-        raise ValueError("--fp16 and --bf16 are exclusive: pick one")
+    require(args.seed < 2**32, f"--seed must be below 2**32 (got {args.seed})")
+    require(
+        args.max_steps == -1 or args.max_steps >= 1,
+        f"--max_steps must be at least 1, or -1 for --num_train_epochs (got {args.max_steps})",
+    )
+    require(
+        0 <= args.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})"
+    )
+    require(
+        args.warmup_ratio == 0 or args.warmup_steps == 0,
+        "--warmup_ratio and --warmup_steps both given: pick one",
+    )
+    require(not (args.fp16 and args.bf16), "--fp16 and --bf16 are exclusive: pick one")
     names = data.metric_names(args.task_name)
     if args.metric_for_best_model is None:
         args.metric_for_best_model = names[0]
-    if args.metric_for_best_model not in names:
-        raise ValueError(
-            f"--metric_for_best_model {args.metric_for_best_model} is not one of {names}"
-        )
+    require(
+        args.metric_for_best_model in names,
+        f"--metric_for_best_model {args.metric_for_best_model} is not one of {names}",
+    )
 
 
 # =================================================================================================
@@ -198,7 +171,7 @@ def is_our_output(name):
         prediction_file(task, split) for task in data.TASKS for split in data.splits(task, "test")
     }
     base = re.sub(r"\.(tmp|old)$", "", name)
-    patterns = r"log\.jsonl|results\.json|best|final|checkpoint-\d+|abandoned-after-step-\d+(-\d+)?"
+    patterns = r"log\.jsonl|results\.json|best|final|checkpoint-\d+|abandoned-after-step-[\d-]+"
     return bool(re.fullmatch(patterns, base)) or base in predictions
 
 
@@ -220,7 +193,8 @@ def check_output_dir(args):
     ours = [name for name in names if is_our_output(name)]
     resume = args.resume_from_checkpoint
     if args.overwrite_output_dir:
-        if resume in ("latest", "auto") or (resume and is_inside(resume, path)):
+        inside = resume and os.path.abspath(resume).startswith(os.path.abspath(path) + os.sep)
+        if resume in ("latest", "auto") or inside:
             raise ValueError(
                 "--overwrite_output_dir would delete the checkpoint that "
                 "--resume_from_checkpoint resumes from: pick one"
@@ -240,43 +214,31 @@ def check_output_dir(args):
         )
 
 
-def is_inside(path, folder):
-    return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == os.path.abspath(
-        folder
-    )
-
-
 def retire_abandoned_timeline(output_dir, step, best_step):
-    """Resuming from step `step` makes this run the only timeline: what a run wrote past that
-    step (newer checkpoints, a best/ or final/ this checkpoint had not reached) is moved aside, so
-    that rotation, `auto` and best-model tracking never pick it up. Returns console notes."""
+    """Resuming from `step` makes this run the only timeline: what a run wrote past that step
+    (newer checkpoints; a best/ this checkpoint does not know; final outputs of a run that went
+    further) is moved aside, so rotation, `auto` and best-model tracking never pick it up."""
     newer = [path for saved_step, path in trainer.list_checkpoints(output_dir) if saved_step > step]
-    results = read_json(os.path.join(output_dir, "results.json"))
-    finished_later = results is not None and results.get("global_step", 0) > step
-    best = read_json(os.path.join(output_dir, "best", "eval.json"))
-    best_elsewhere = best is not None and best.get("step") != best_step
     retired = list(newer)
-    if best_elsewhere:
+    best = read_json(os.path.join(output_dir, "best", "eval.json"))
+    if best is not None and best["step"] != best_step:
         retired.append(os.path.join(output_dir, "best"))
-    if newer or finished_later:
-        for name in ["final", "results.json"] + os.listdir(output_dir):
-            if name == "final" or name == "results.json" or name.endswith(".tsv"):
-                if is_our_output(name) and os.path.exists(os.path.join(output_dir, name)):
-                    retired.append(os.path.join(output_dir, name))
+    results = read_json(os.path.join(output_dir, "results.json"))
+    if newer or (results is not None and results["global_step"] > step):
+        for name in os.listdir(output_dir):
+            if name in ("final", "results.json") or (name.endswith(".tsv") and is_our_output(name)):
+                retired.append(os.path.join(output_dir, name))
     if not retired:
         return []
-    folder = os.path.join(output_dir, f"abandoned-after-step-{step}")
-    attempt = 1
-    while os.path.exists(folder):
-        attempt += 1
-        folder = os.path.join(output_dir, f"abandoned-after-step-{step}-{attempt}")
+    when = time.strftime("%Y%m%d-%H%M%S")
+    folder = os.path.join(output_dir, f"abandoned-after-step-{step}-{when}")
     os.makedirs(folder)
-    for path in sorted(set(retired)):
+    for path in retired:
         os.replace(path, os.path.join(folder, os.path.basename(path)))
-    names = ", ".join(sorted(os.path.basename(path) for path in set(retired)))
+    names = ", ".join(sorted(os.path.basename(path) for path in retired))
     return [
-        f"resuming from step {step}: {names} came from beyond it; moved to {folder} "
-        "(delete it once you no longer need it)"
+        f"resuming from step {step}: {names} went beyond it; moved to {folder} (delete it "
+        "once you no longer need it)"
     ]
 
 
@@ -359,15 +321,18 @@ def tokenize_data(args, raw, tokenizer):
             test_sets[split] = (tokenized[split], raw[split]["index"])
     world_size = trainer.get_world_size()
     if len(train_set) < world_size:
-        raise ValueError(f"{len(train_set)} training examples cannot be shared by {world_size} "
-                         "processes")  # fmt: skip
+        raise ValueError(
+            f"{len(train_set)} training examples cannot be shared by {world_size} processes"
+        )
     # Every rank must train on the same data, or the replicas silently drift apart (each node
     # reads its own copy of --data_dir).
     args.train_data_fingerprint = data.fingerprint(train_set)
     seen = trainer.all_gather(args.train_data_fingerprint)
     if len(set(seen)) > 1:
-        raise ValueError(f"the ranks read different training data ({'; '.join(seen)}): give "
-                         "every node the same --data_dir contents")  # fmt: skip
+        raise ValueError(
+            f"the ranks read different training data ({'; '.join(seen)}): give "
+            "every node the same --data_dir contents"
+        )
     return train_set, eval_sets, test_sets
 
 
@@ -383,8 +348,10 @@ def count_steps(args, num_examples):
     if args.warmup_steps == 0:
         args.warmup_steps = math.ceil(args.warmup_ratio * args.total_steps)
     if args.warmup_steps > args.total_steps:
-        raise ValueError(f"--warmup_steps {args.warmup_steps} is more than the run's "
-                         f"{args.total_steps} steps: lower it")  # fmt: skip
+        raise ValueError(
+            f"--warmup_steps {args.warmup_steps} is more than the run's "
+            f"{args.total_steps} steps: lower it"
+        )
 
 
 # =================================================================================================
@@ -417,8 +384,15 @@ def run(args, stop_requested=None):
     # fp16's narrow range needs loss scaling (see trainer.forward_backward); bf16 has fp32's range.
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)
     trainer.seed_everything(args.seed + rank)  # each rank draws its own dropout masks
-    progress = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_eval": None, "best_step": None,
-                "nonfinite_streak": 0, "skipped_steps": 0}  # fmt: skip
+    progress = {
+        "step": 0,
+        "epoch": 0,
+        "step_in_epoch": 0,
+        "best_eval": None,
+        "best_step": None,
+        "nonfinite_streak": 0,
+        "skipped_steps": 0,
+    }
     notes = []
     resume_path = None
     if args.resume_from_checkpoint:
@@ -506,8 +480,10 @@ def start_writing(args, progress, resuming):
         if progress["best_step"] is not None:
             best_kept = best is not None and best["step"] == progress["best_step"]
     if not trainer.all_gather(best_kept)[0]:  # rank 0's answer, on every rank
-        notes.append(f"best/ does not hold step {progress['best_step']}'s model: the best model "
-                     f"is chosen afresh from step {progress['step'] + 1} on")  # fmt: skip
+        notes.append(
+            f"best/ does not hold step {progress['best_step']}'s model: the best model "
+            f"is chosen afresh from step {progress['step'] + 1} on"
+        )
         progress["best_eval"], progress["best_step"] = None, None
     return notes
 
@@ -529,8 +505,10 @@ def print_banner(args, train_set, eval_sets, device, notes):
     world_size = trainer.get_world_size()
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
     eval_examples = sum(len(examples) for examples in eval_sets.values())
-    print(f"task {args.task_name}, model {args.model_name_or_path}: {len(train_set)} train / "
-          f"{eval_examples} dev examples")  # fmt: skip
+    print(
+        f"task {args.task_name}, model {args.model_name_or_path}: {len(train_set)} train / "
+        f"{eval_examples} dev examples"
+    )
     print(
         f"global batch {global_batch} = {args.per_device_train_batch_size} per device x "
         f"{args.gradient_accumulation_steps} accumulation x {world_size} processes; "
@@ -543,8 +521,11 @@ def print_banner(args, train_set, eval_sets, device, notes):
 
 def report_stop(args, step):
     if os.path.isdir(os.path.join(args.output_dir, f"checkpoint-{step}")):
-        print(f"stopped after step {step}, checkpoint-{step} saved: rerun with "
-              "--resume_from_checkpoint auto to continue", file=sys.stderr)  # fmt: skip
+        print(
+            f"stopped after step {step}, checkpoint-{step} saved: rerun with "
+            "--resume_from_checkpoint auto to continue",
+            file=sys.stderr,
+        )
     else:
         print("stopped before the first step: nothing to save", file=sys.stderr)
 

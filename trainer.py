@@ -242,9 +242,9 @@ def train_step(
     # The gradients are still multiplied by the fp16 loss scale: divide it out first, so clipping
     # compares the true norm with max_grad_norm.
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    total_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     # The step's one host sync: whether to apply the update must be decided here, on the host.
-    grad_norm = grad_norm.item()
+    grad_norm = total_norm.item()
     update_applied = math.isfinite(grad_norm)
     if update_applied:
         scaler.step(optimizer)  # optimizer.step(); with fp16 it also checks for inf gradients
@@ -376,8 +376,11 @@ def plan_epoch(args, lengths, progress):
     if progress["step_in_epoch"] >= len(plan):
         # Only a checkpoint resumed with --ignore_checkpoint_mismatch on other data or another
         # batch size gets here: its position lies past the end of this run's epoch.
-        print(f"step {progress['step']} lies past the end of epoch {progress['epoch']} for this "
-              "run's data and batch: continuing with the next epoch", flush=True)  # fmt: skip
+        print(
+            f"step {progress['step']} lies past the end of epoch {progress['epoch']} for this "
+            "run's data and batch: continuing with the next epoch",
+            flush=True,
+        )
         progress["epoch"] += 1
         progress["step_in_epoch"] = 0
         return plan_epoch(args, lengths, progress)
@@ -779,8 +782,10 @@ def restore(checkpoint, args, model, optimizer, scheduler, scaler):
             scaler.load_state_dict(checkpoint["scaler"])
     except (RuntimeError, ValueError, KeyError) as error:  # only with --ignore_checkpoint_mismatch
         first_line = (str(error).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"the checkpoint does not fit this model ({first_line}): resume with "
-                         "the model it was trained from") from None  # fmt: skip
+        raise ValueError(
+            f"the checkpoint does not fit this model ({first_line}): resume with "
+            "the model it was trained from"
+        ) from None
     apply_hyperparameters(optimizer, scheduler, args.learning_rate, args.weight_decay)
     progress = dict(checkpoint["progress"])
     if len(checkpoint["rng"]) == get_world_size():  # each rank continues its own dropout stream
