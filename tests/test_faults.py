@@ -340,6 +340,9 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny_model, tmp_path, monkeypat
     log = [r for r in read_log(out) if "loss" in r]
     assert [r["skipped_steps"] for r in log] == [0, 0, 1, 2, 2, 2, 2, 2]
     assert all(torch.isfinite(w).all() for w in model_weights(f"{out}/final").values())
+    # The schedule counts updates: it does not move on after the two skipped steps.
+    lrs = [r["lr"] for r in log]
+    assert lrs[1] > lrs[2] == lrs[3] == lrs[4] > lrs[5]
 
 
 def test_persistent_nonfinite_loss_stops_with_the_last_checkpoint_intact(

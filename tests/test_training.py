@@ -238,3 +238,10 @@ def test_a_checkpoint_stored_in_bf16_trains_with_fp32_weights_and_optimizer_stat
     moments = [s["exp_avg"].dtype for s in state["optimizer"]["state"].values()]
     assert moments and set(moments) == {torch.float32}
     assert {v.dtype for v in model_weights(f"{out}/final").values()} == {torch.float32}
+
+
+def test_a_nan_metric_is_never_the_best():
+    """STS-B's correlations are NaN while the predictions are constant."""
+    assert trainer.is_better(0.5, None) and trainer.is_better(0.6, 0.5)
+    assert not trainer.is_better(0.4, 0.5) and not trainer.is_better(0.5, 0.5)
+    assert not trainer.is_better(float("nan"), None) and not trainer.is_better(float("nan"), 0.1)
