@@ -437,7 +437,9 @@ def log_training(args, window, totals, progress, lr, grad_norm):
     """Average the window over all ranks into one log record (written by rank 0), and add it to
     the launch's totals."""
     # .item() waits for the device: the one sync of a log step, not of every step.
-    sums = torch.tensor([window["loss"].item(), window["examples"], window["tokens"]])
+    sums = torch.tensor(
+        [window["loss"].item(), window["examples"], window["tokens"]], dtype=torch.float64
+    )
     if get_world_size() > 1:
         dist.all_reduce(sums)  # a CPU tensor: gloo (see setup_distributed)
     loss_sum, examples, tokens = sums.tolist()

@@ -201,6 +201,25 @@ def test_sigterm_and_ctrl_c_checkpoint_exit_and_resume_without_losing_a_step(
     assert_same_run(clean_run, out)
 
 
+def test_a_stop_signal_reaching_one_rank_stops_every_rank_after_the_same_step(tiny_model, tmp_path):
+    """A scheduler may signal one process only: the ranks agree, or one would wait forever in
+    the next all-reduce for a rank that left."""
+    out = str(tmp_path / "run")
+    args = train_args(tiny_model, out, "--num_train_epochs", 3, "--save_steps", 100,
+                      "--per_device_train_batch_size", 2)  # fmt: skip
+    process = start(args, torchrun=2)
+    wait_for_step(out, 5, process)
+    workers = [p for p in psutil.Process(process.pid).children(recursive=True)
+               if "train_glue.py" in " ".join(p.cmdline())]  # fmt: skip
+    workers[1].send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    stopped_at = max(losses(out))
+    assert stopped_at < 48 and os.path.isdir(f"{out}/checkpoint-{stopped_at}")
+    assert (
+        f"stopped after step {stopped_at}, checkpoint-{stopped_at} saved" in process.stderr_text()
+    )
+
+
 def test_a_second_ctrl_c_aborts_but_the_same_press_twice_does_not(monkeypatch):
     """Under torchrun one Ctrl-C reaches a worker twice (terminal and torchrun) within
     milliseconds; a second press comes later."""
@@ -514,6 +533,9 @@ def test_a_failing_save_is_a_clear_error_and_the_previous_checkpoint_still_loads
     with pytest.raises(OSError, match="could not write .*checkpoint-4 .*No space left"):
         train_in_process(tiny_model, out, *SHORT, "--max_steps", 6, "--save_steps", 2)
     monkeypatch.setattr(torch, "save", real_save)
+    assert not os.path.exists(f"{out}/checkpoint-4.tmp") and not os.path.exists(
+        f"{out}/checkpoint-4"
+    )
     path, state = trainer.find_checkpoint(out, "latest")
     assert path.endswith("checkpoint-2") and state["progress"]["step"] == 2
     train_in_process(

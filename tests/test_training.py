@@ -245,3 +245,15 @@ def test_a_nan_metric_is_never_the_best():
     assert trainer.is_better(0.5, None) and trainer.is_better(0.6, 0.5)
     assert not trainer.is_better(0.4, 0.5) and not trainer.is_better(0.5, 0.5)
     assert not trainer.is_better(float("nan"), None) and not trainer.is_better(float("nan"), 0.1)
+
+
+def test_under_fp16_the_logged_and_clipped_norm_is_the_true_gradient_norm(tiny_model, tmp_path):
+    """GradScaler multiplies the loss by 65536: clipping before unscale_ would see a norm that
+    much larger (and clip the true gradient to nothing)."""
+    norms = {}
+    for precision in ("fp32", "fp16"):
+        flags = ["--fp16"] if precision == "fp16" else []
+        out = train_in_process(tiny_model, str(tmp_path / precision), "--max_train_samples", 32,
+                               "--max_steps", 1, "--learning_rate", 1e-3, *flags)  # fmt: skip
+        norms[precision] = read_log(out)[0]["grad_norm"]
+    assert norms["fp16"] == pytest.approx(norms["fp32"], rel=0.05)
