@@ -394,7 +394,7 @@ def run(args, stop_requested=None):
         "skipped_steps": 0,
     }
     notes = []
-    resume_path = None
+    resume_path, checkpoint = None, None
     if args.resume_from_checkpoint:
         resume_path, checkpoint = trainer.load_checkpoint_on_every_rank(
             args.output_dir, args.resume_from_checkpoint
