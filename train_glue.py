@@ -165,14 +165,31 @@ def prediction_file(task_name, split):
     return data.TASKS[task_name]["folder"] + ".tsv"
 
 
-def is_our_output(name):
-    """Whether this trainer could have written `name` into an output dir (or left it mid-write)."""
-    predictions = {
-        prediction_file(task, split) for task in data.TASKS for split in data.splits(task, "test")
-    }
+def is_our_output(path):
+    """Whether this trainer wrote `path` (a file or folder in an output dir): by its name, and for
+    folders by what they hold. What a crash left mid-write (.tmp, .old) counts as ours."""
+    name = os.path.basename(path)
     base = re.sub(r"\.(tmp|old)$", "", name)
-    patterns = r"log\.jsonl|results\.json|best|final|checkpoint-\d+|abandoned-after-step-[\d-]+"
-    return bool(re.fullmatch(patterns, base)) or base in predictions
+    files = {"log.jsonl", "results.json"}
+    for task in data.TASKS:
+        for split in data.splits(task, "test"):
+            files.add(prediction_file(task, split))
+    if base != name:
+        return (
+            base in files
+            or base in ("best", "final")
+            or bool(re.fullmatch(r"checkpoint-\d+", base))
+        )
+    if not os.path.isdir(path):
+        return name in files
+    contents = os.listdir(path)
+    if re.fullmatch(r"checkpoint-\d+", name):
+        return set(contents) <= {"state.pt", "COMPLETE"}
+    if name in ("best", "final"):
+        return "eval.json" in contents  # written beside every model this trainer saves
+    if re.fullmatch(r"abandoned-after-step-[\d-]+", name):
+        return all(is_our_output(os.path.join(path, entry)) for entry in contents)
+    return False
 
 
 def check_output_dir(args):
@@ -190,7 +207,7 @@ def check_output_dir(args):
             "folder): choose another one"
         )
     names = sorted(os.listdir(path)) if os.path.isdir(path) else []
-    ours = [name for name in names if is_our_output(name)]
+    ours = [name for name in names if is_our_output(os.path.join(path, name))]
     resume = args.resume_from_checkpoint
     if args.overwrite_output_dir:
         inside = resume and os.path.abspath(resume).startswith(os.path.abspath(path) + os.sep)
@@ -199,11 +216,11 @@ def check_output_dir(args):
                 "--overwrite_output_dir would delete the checkpoint that "
                 "--resume_from_checkpoint resumes from: pick one"
             )
-        foreign = [name for name in names if not is_our_output(name)]
+        foreign = [name for name in names if not is_our_output(os.path.join(path, name))]
         if foreign:
             raise ValueError(
                 f"--overwrite_output_dir refuses to empty {path}: it holds files this "
-                f"trainer never writes ({', '.join(foreign[:3])}); remove them or "
+                f"trainer did not write ({', '.join(foreign[:3])}); remove them or "
                 "choose another folder"
             )
     elif ours and not resume:
@@ -226,7 +243,8 @@ def retire_abandoned_timeline(output_dir, step, best_step):
     results = read_json(os.path.join(output_dir, "results.json"))
     if newer or (results is not None and results["global_step"] > step):
         for name in os.listdir(output_dir):
-            if name in ("final", "results.json") or (name.endswith(".tsv") and is_our_output(name)):
+            is_prediction = name.endswith(".tsv") and is_our_output(os.path.join(output_dir, name))
+            if name in ("final", "results.json") or is_prediction:
                 retired.append(os.path.join(output_dir, name))
     if not retired:
         return []

@@ -175,3 +175,20 @@ def test_overwrite_removes_exactly_what_the_trainer_wrote(tiny_model, tmp_path):
     train_in_process(tiny_model, out, *RUN, "--max_steps", 2, "--overwrite_output_dir")
     assert sorted(os.listdir(out)) == ["best", "checkpoint-2", "final", "log.jsonl", "results.json"]
     shutil.rmtree(f"{out}/best")
+
+
+@pytest.mark.parametrize(
+    "planted", ["checkpoint-2/state.pt.backup", "checkpoint-9/notes.txt", "best/weights.bin"]
+)
+def test_overwrite_refuses_a_folder_named_like_ours_that_it_did_not_write(
+    tiny_model, tmp_path, planted
+):
+    out = train_in_process(tiny_model, str(tmp_path / "run"), *RUN, "--max_steps", 2)
+    folder = os.path.dirname(f"{out}/{planted}")
+    if os.path.basename(folder) == "best":  # somebody's own best/ (no eval.json), instead of ours
+        shutil.rmtree(folder)
+    os.makedirs(folder, exist_ok=True)
+    open(f"{out}/{planted}", "w").write("not the trainer's")
+    with pytest.raises(ValueError, match=f"refuses to empty .*{os.path.basename(folder)}"):
+        train_in_process(tiny_model, out, *RUN, "--max_steps", 2, "--overwrite_output_dir")
+    assert os.path.exists(f"{out}/{planted}")
