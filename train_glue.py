@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=2 train_glue.py ...   (same flags; a process per GPU or CPU slot)
 
 Exit status: 0 done; 1 an error (one `error:` line says what to fix); 130 stopped by Ctrl-C and
-143 by SIGTERM, both after writing a checkpoint (rerun with --resume_from_checkpoint auto).
+143 by SIGTERM, both after writing a checkpoint unless no step had run yet (rerun with
+--resume_from_checkpoint auto).
 """
 
 import argparse
@@ -95,6 +96,7 @@ def require(condition, message):
 
 
 def check_args(args):
+    data.get_task(args.task_name)  # an unknown task first: the other checks need its table
     at_least_one = [
         "per_device_train_batch_size",
         "per_device_eval_batch_size",
@@ -143,10 +145,8 @@ def check_args(args):
     )
     require(not (args.fp16 and args.bf16), "--fp16 and --bf16 are exclusive: pick one")
     names = data.metric_names(args.task_name)
-    if args.metric_for_best_model is None:
-        args.metric_for_best_model = names[0]
     require(
-        args.metric_for_best_model in names,
+        args.metric_for_best_model in [None] + names,
         f"--metric_for_best_model {args.metric_for_best_model} is not one of {names}",
     )
 
@@ -210,7 +210,9 @@ def check_output_dir(args):
     ours = [name for name in names if is_our_output(os.path.join(path, name))]
     resume = args.resume_from_checkpoint
     if args.overwrite_output_dir:
-        inside = resume and os.path.abspath(resume).startswith(os.path.abspath(path) + os.sep)
+        inside = resume is not None and os.path.abspath(resume).startswith(
+            os.path.abspath(path) + os.sep
+        )
         if resume in ("latest", "auto") or inside:
             raise ValueError(
                 "--overwrite_output_dir would delete the checkpoint that "
@@ -326,6 +328,7 @@ def read_data(args):
 
 
 def tokenize_data(args, raw, tokenizer):
+    """Returns the training examples, the dev sets and the test sets ({"examples", "index"})."""
     tokenized = {}
     for split, rows in raw.items():
         tokenized[split] = data.tokenize(rows, tokenizer, args.max_seq_length)
@@ -336,14 +339,18 @@ def tokenize_data(args, raw, tokenizer):
         if split.startswith("validation"):
             eval_sets[split] = tokenized[split][: args.max_eval_samples]
         elif split.startswith("test"):
-            test_sets[split] = (tokenized[split], raw[split]["index"])
+            test_sets[split] = {"examples": tokenized[split], "index": raw[split]["index"]}
     world_size = trainer.get_world_size()
     if len(train_set) < world_size:
         raise ValueError(
             f"{len(train_set)} training examples cannot be shared by {world_size} processes"
         )
-    # Every rank must train on the same data, or the replicas silently drift apart (each node
-    # reads its own copy of --data_dir).
+    return train_set, eval_sets, test_sets
+
+
+def check_same_data_on_every_rank(args, train_set):
+    """Every rank must train on the same data, or the replicas silently drift apart (each node
+    reads its own copy of --data_dir). The fingerprint is also part of what a resume checks."""
     args.train_data_fingerprint = data.fingerprint(train_set)
     seen = trainer.all_gather(args.train_data_fingerprint)
     if len(set(seen)) > 1:
@@ -351,11 +358,11 @@ def tokenize_data(args, raw, tokenizer):
             f"the ranks read different training data ({'; '.join(seen)}): give "
             "every node the same --data_dir contents"
         )
-    return train_set, eval_sets, test_sets
 
 
 def count_steps(args, num_examples):
-    """What the flags imply for this data and world size; kept in args beside the flags."""
+    """What the flags imply for this data and world size: steps_per_epoch and total_steps join
+    args (the loop reads them there); returns the warmup steps."""
     world_size = trainer.get_world_size()
     step_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
     args.steps_per_epoch = data.steps_per_epoch(num_examples, step_size, world_size)
@@ -363,13 +370,15 @@ def count_steps(args, num_examples):
         args.total_steps = args.max_steps
     else:
         args.total_steps = math.ceil(args.steps_per_epoch * args.num_train_epochs)
-    if args.warmup_steps == 0:
-        args.warmup_steps = math.ceil(args.warmup_ratio * args.total_steps)
-    if args.warmup_steps > args.total_steps:
+    warmup_steps = args.warmup_steps
+    if warmup_steps == 0:
+        warmup_steps = math.ceil(args.warmup_ratio * args.total_steps)
+    if warmup_steps > args.total_steps:
         raise ValueError(
-            f"--warmup_steps {args.warmup_steps} is more than the run's "
-            f"{args.total_steps} steps: lower it"
+            f"--warmup_steps {warmup_steps} is more than the run's {args.total_steps} steps: "
+            "lower it"
         )
+    return warmup_steps
 
 
 # =================================================================================================
@@ -380,37 +389,40 @@ def count_steps(args, num_examples):
 def run(args, stop_requested=None):
     """The whole run. Returns True if it stopped early, as `stop_requested` asked."""
     stop_requested = stop_requested or threading.Event()
-    data.get_task(args.task_name)
     check_args(args)
+    if args.metric_for_best_model is None:  # the one default that depends on the task
+        args.metric_for_best_model = data.metric_names(args.task_name)[0]
     check_output_dir(args)
     rank, world_size, device = trainer.setup_distributed(args.ddp_timeout)
     set_up_device_and_logging(args, device)
 
-    # Everything that can fail on bad input happens before the first write.
-    raw_data = read_data(args)
-    trainer.seed_everything(args.seed)  # the same classifier-head initialisation on every rank
-    tokenizer, model = load_model(args)
-    train_set, eval_sets, test_sets = tokenize_data(args, raw_data, tokenizer)
-    count_steps(args, len(train_set))
+    # Everything that can fail on bad input happens before the first write. Each node reads its
+    # own files, so the ranks agree on any error before they go on together.
+    trainer.seed_everything(args.seed)  # the new classifier head depends on the seed alone
+    error = None
+    try:
+        raw_data = read_data(args)
+        tokenizer, model = load_model(args)
+        train_set, eval_sets, test_sets = tokenize_data(args, raw_data, tokenizer)
+        warmup_steps = count_steps(args, len(train_set))
+    except (ValueError, OSError) as load_error:
+        error = load_error
+    trainer.raise_if_any_rank_failed(error)
+    check_same_data_on_every_rank(args, train_set)
     if args.gradient_checkpointing:  # recompute activations in backward: less memory, more compute
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     optimizer = trainer.build_optimizer(model, args.learning_rate, args.weight_decay, device)
     scheduler = trainer.build_scheduler(
-        optimizer, args.lr_scheduler_type, args.warmup_steps, args.total_steps
+        optimizer,
+        schedule=args.lr_scheduler_type,
+        warmup_steps=warmup_steps,
+        total_steps=args.total_steps,
     )
     # fp16's narrow range needs loss scaling (see trainer.forward_backward); bf16 has fp32's range.
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)
     trainer.seed_everything(args.seed + rank)  # each rank draws its own dropout masks
-    progress = {
-        "step": 0,
-        "epoch": 0,
-        "step_in_epoch": 0,
-        "best_eval": None,
-        "best_step": None,
-        "nonfinite_streak": 0,
-        "skipped_steps": 0,
-    }
+    progress = trainer.new_progress()
     notes = []
     resume_path, checkpoint = None, None
     if args.resume_from_checkpoint:
@@ -419,8 +431,10 @@ def run(args, stop_requested=None):
         )
     if resume_path is not None:
         notes += trainer.check_resumable(checkpoint, args)
-        progress = trainer.restore(checkpoint, args, model, optimizer, scheduler, scaler)
-        del checkpoint  # release the memory-mapped file
+        progress = trainer.restore(
+            checkpoint, args, model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
+        )
+        del checkpoint  # the model's and optimizer's tensors are copies now
         notes.insert(0, f"resuming from {resume_path} (step {progress['step']})")
         if progress["step"] > args.total_steps:
             raise ValueError(
@@ -430,9 +444,11 @@ def run(args, stop_requested=None):
     if args.torch_compile:
         model.compile()  # in place, so state_dict keys stay those of the plain model
 
-    notes += start_writing(args, progress, resuming=resume_path is not None)
+    # 'auto' that found no checkpoint resumes from step 0: a log from a run that died before its
+    # first checkpoint is dropped, not continued.
+    notes += start_writing(args, progress, resuming=args.resume_from_checkpoint is not None)
     if rank == 0:
-        print_banner(args, train_set, eval_sets, device, notes)
+        print_banner(args, train_set=train_set, eval_sets=eval_sets, device=device, notes=notes)
     autocast = torch.autocast(
         device.type,
         dtype=torch.bfloat16 if args.bf16 else torch.float16,
@@ -440,16 +456,16 @@ def run(args, stop_requested=None):
     )
     summary = trainer.train(
         args,
-        model,
-        tokenizer,
-        optimizer,
-        scheduler,
-        scaler,
-        autocast,
-        train_set,
-        eval_sets,
-        progress,
-        stop_requested,
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        autocast=autocast,
+        train_set=train_set,
+        eval_sets=eval_sets,
+        progress=progress,
+        stop_requested=stop_requested,
     )
     if summary["stopped"]:
         if rank == 0:
@@ -457,9 +473,17 @@ def run(args, stop_requested=None):
         return True
     if summary["final"] is None:  # resumed from the final checkpoint: nothing left to train
         summary["final"] = trainer.evaluate(
-            model, eval_sets, args, tokenizer.pad_token_id or 0, autocast
+            args, model, eval_sets=eval_sets, pad_id=tokenizer.pad_token_id or 0, autocast=autocast
         )
-    write_final_outputs(args, model, tokenizer, eval_sets, test_sets, summary, autocast)
+    write_final_outputs(
+        args,
+        model,
+        tokenizer,
+        eval_sets=eval_sets,
+        test_sets=test_sets,
+        summary=summary,
+        autocast=autocast,
+    )
     return False
 
 
@@ -478,25 +502,29 @@ def set_up_device_and_logging(args, device):
 
 
 def start_writing(args, progress, resuming):
-    """Rank 0's first writes, once every check and load has passed; every rank learns whether
-    best/ still holds the checkpoint's best model. Returns console notes."""
+    """Rank 0's first writes, once every check and load has passed. Every rank learns whether
+    they worked, and whether best/ still holds the checkpoint's best model. Returns notes."""
     notes = []
     best_kept = True
+    error = None
     if trainer.get_rank() == 0:
         path = args.output_dir
-        if args.overwrite_output_dir and os.path.isdir(path):
-            for name in os.listdir(path):  # check_output_dir made sure that each one is ours
-                remove(os.path.join(path, name))
         try:
+            if args.overwrite_output_dir and os.path.isdir(path):
+                for name in os.listdir(path):  # check_output_dir made sure that each one is ours
+                    remove(os.path.join(path, name))
             os.makedirs(path, exist_ok=True)
-        except OSError as error:
-            raise trainer.write_failed(path, error) from None
-        if resuming:
-            notes += retire_abandoned_timeline(path, progress["step"], progress["best_step"])
-            trainer.truncate_log(path, progress["step"])
+            trainer.recover_swapped_folder(os.path.join(path, "best"))
+            trainer.recover_swapped_folder(os.path.join(path, "final"))
+            if resuming:
+                notes += retire_abandoned_timeline(path, progress["step"], progress["best_step"])
+                trainer.truncate_log(path, progress["step"])
+        except OSError as write_error:
+            error = trainer.write_failed(path, write_error)
         best = read_json(os.path.join(path, "best", "eval.json"))
         if progress["best_step"] is not None:
             best_kept = best is not None and best["step"] == progress["best_step"]
+    trainer.raise_if_any_rank_failed(error)
     if not trainer.all_gather(best_kept)[0]:  # rank 0's answer, on every rank
         notes.append(
             f"best/ does not hold step {progress['best_step']}'s model: the best model "
@@ -513,7 +541,7 @@ def remove(path):
         os.remove(path)
 
 
-def print_banner(args, train_set, eval_sets, device, notes):
+def print_banner(args, *, train_set, eval_sets, device, notes):
     if args.bf16:
         precision = "bf16 autocast"
     elif args.fp16:
@@ -548,13 +576,13 @@ def report_stop(args, step):
         print("stopped before the first step: nothing to save", file=sys.stderr)
 
 
-def write_final_outputs(args, model, tokenizer, eval_sets, test_sets, summary, autocast):
+def write_final_outputs(args, model, tokenizer, *, eval_sets, test_sets, summary, autocast):
     """final/ (the last weights), test predictions made with them, and results.json last."""
     predictions = {}
-    for split, (examples, _) in test_sets.items():
+    for split, test_set in test_sets.items():
         predictions[split] = trainer.predict(
             model,
-            examples,
+            test_set["examples"],
             batch_size=args.per_device_eval_batch_size,
             regression=data.is_regression(args.task_name),
             pad_id=tokenizer.pad_token_id or 0,
@@ -568,19 +596,16 @@ def write_final_outputs(args, model, tokenizer, eval_sets, test_sets, summary, a
     labels = data.TASKS[args.task_name]["labels"]
     for split, values in predictions.items():
         lines = ["index\tprediction\n"]
-        for index, value in zip(test_sets[split][1], values, strict=True):
+        for index, value in zip(test_sets[split]["index"], values, strict=True):
             label = f"{value:.3f}" if labels is None else labels[value]
             lines.append(f"{index}\t{label}\n")
         path = os.path.join(args.output_dir, prediction_file(args.task_name, split))
         trainer.write_file_atomically(path, "".join(lines))
-    eval_examples = sum(len(examples) for examples in eval_sets.values())
-    results = {
-        "task": args.task_name,
-        "model": args.model_name_or_path,
-        "eval_samples": eval_examples,
-    }
-    results.update(summary)
-    del results["stopped"]
+    results = {"task": args.task_name, "model": args.model_name_or_path}
+    results["eval_samples"] = sum(len(examples) for examples in eval_sets.values())
+    for key, value in summary.items():
+        if key != "stopped":
+            results[key] = value
     path = os.path.join(args.output_dir, "results.json")
     trainer.write_file_atomically(path, json.dumps(results, indent=2))
     scores = "  ".join(f"{name} {value:.4f}" for name, value in summary["final"].items())
@@ -619,7 +644,11 @@ def main(argv=None):
     status = 1
     try:
         stopped = run(args, stop_requested)
-        status = STOP_SIGNALS[received[0][0]] if stopped else 0
+        status = 0
+        if stopped and received:
+            status = STOP_SIGNALS[received[0][0]]
+        elif stopped:  # another rank got the signal; the ranks stopped together
+            status = STOP_SIGNALS[signal.SIGTERM]
     except KeyboardInterrupt:
         status = STOP_SIGNALS[signal.SIGINT]
         if rank == 0:

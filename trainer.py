@@ -119,6 +119,18 @@ def any_rank(flag):
     return bool(flags.item())
 
 
+def raise_if_any_rank_failed(error):
+    """Collective: every rank passes its error from the same phase (or None), and every rank
+    raises the first one. An error that one node alone met (its data, its disk) then reaches
+    rank 0, which reports it, instead of leaving the others waiting in their next collective."""
+    errors = all_gather(None if error is None else str(error))
+    for rank, message in enumerate(errors):
+        if message is not None and rank == 0:
+            raise ValueError(message)
+        if message is not None:
+            raise ValueError(f"rank {rank}: {message}")
+
+
 def to_device(batch, device):
     """Copy a batch of CPU tensors to the GPU. From pinned (page-locked) memory the copy runs
     asynchronously (non_blocking), so the host goes on queueing work meanwhile."""
@@ -149,11 +161,11 @@ def lr_multiplier(step, schedule, warmup_steps, total_steps):
     or cosine decay to 0 at total_steps, or constant."""
     if step < warmup_steps:
         return step / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    decayed = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if schedule == "linear":
-        return 1.0 - progress
+        return 1.0 - decayed
     if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 0.5 * (1.0 + math.cos(math.pi * decayed))
     return 1.0  # constant
 
 
@@ -164,9 +176,10 @@ def build_scheduler(optimizer, schedule, warmup_steps, total_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
-def apply_hyperparameters(optimizer, scheduler, learning_rate, weight_decay):
+def apply_hyperparameters(optimizer, scheduler, *, learning_rate, weight_decay):
     """A checkpoint's optimizer and scheduler carry the learning rate and weight decay they were
-    built with; a resumed run continues with its own (the schedule's shape is already its own)."""
+    built with; a resumed run continues with its own. (The schedule's shape is already this run's:
+    LambdaLR saves its step count, not its function.)"""
     scheduler.base_lrs = [learning_rate for _ in optimizer.param_groups]
     multiplier = scheduler.lr_lambdas[0](scheduler.last_epoch)
     for group in optimizer.param_groups:
@@ -189,10 +202,10 @@ def glue_loss_sum(model, batch, regression):
 # =================================================================================================
 
 
-def forward_backward(model, batch, loss_fn, autocast, scaler, loss_weight):
-    # autocast covers the forward and the loss: matmuls run in bf16/fp16, while autocast keeps
-    # precision-sensitive ops (softmax, layer norm, cross-entropy) in fp32. The backward stays
-    # outside: each backward op already runs in the dtype its forward op used.
+def forward_backward(model, batch, *, loss_fn, autocast, scaler, loss_weight):
+    # autocast covers the forward and the loss: matmuls run in bf16/fp16, and ops that need the
+    # range stay in fp32 (on CUDA softmax and layer norm too; the loss is fp32 here on any device).
+    # The backward stays outside: each backward op already runs in the dtype its forward op used.
     with autocast:
         loss = loss_fn(model, batch)
     # fp16 gradients below ~6e-8 underflow to zero, so the scaler multiplies the loss by a large
@@ -234,9 +247,23 @@ def train_step(
             # Under DDP every backward all-reduces the gradients across ranks. Between micro-batches
             # only the local sum is needed: no_sync() skips that communication until the last one.
             with model.no_sync():
-                loss = forward_backward(model, batch, loss_fn, autocast, scaler, loss_weight)
+                loss = forward_backward(
+                    model,
+                    batch,
+                    loss_fn=loss_fn,
+                    autocast=autocast,
+                    scaler=scaler,
+                    loss_weight=loss_weight,
+                )
         else:
-            loss = forward_backward(model, batch, loss_fn, autocast, scaler, loss_weight)
+            loss = forward_backward(
+                model,
+                batch,
+                loss_fn=loss_fn,
+                autocast=autocast,
+                scaler=scaler,
+                loss_weight=loss_weight,
+            )
         losses.append(loss)
 
     # The gradients are still multiplied by the fp16 loss scale: divide it out first, so clipping
@@ -244,16 +271,16 @@ def train_step(
     scaler.unscale_(optimizer)
     total_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     # The step's one host sync: whether to apply the update must be decided here, on the host.
+    # A NaN/inf gradient (an fp16 overflow or a real divergence) skips the update.
     grad_norm = total_norm.item()
     update_applied = math.isfinite(grad_norm)
     if update_applied:
-        scaler.step(optimizer)  # optimizer.step(); with fp16 it also checks for inf gradients
+        scaler.step(optimizer)  # optimizer.step(), for fp16 through the scaler's bookkeeping
         scheduler.step()  # after the update it scheduled; never after a skipped one
-    # A NaN/inf gradient (an fp16 overflow or a real divergence) skips the update. For fp16 the
-    # scaler halves its factor after an overflow and grows it after a run of good steps.
+    # fp16: halve the scale after an overflow, grow it after a run of good steps.
     scaler.update()
-    # set_to_none frees the gradient memory until the next backward, which then writes the
-    # gradients instead of adding to zeros.
+    # set_to_none: the next backward writes the gradients instead of adding them to zeros (and,
+    # without DDP's gradient buckets, their memory is free until then).
     optimizer.zero_grad(set_to_none=True)
     return torch.stack(losses).sum(), grad_norm, update_applied
 
@@ -293,7 +320,7 @@ def train(
     regression = is_regression(args.task_name)
     pad_id = tokenizer.pad_token_id or 0
     lengths = [len(example["input_ids"]) for example in train_set]
-    plan = plan_epoch(args, lengths, progress)
+    plan = this_ranks_epoch_plan(args, lengths, progress)
     # --max_grad_norm 0 turns clipping off; the norm is still measured, to catch non-finite steps.
     max_grad_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
     window = new_log_window(device)
@@ -327,9 +354,14 @@ def train(
         )
         window["loss"] += loss_sum
         window["seconds"] += time.perf_counter() - step_start
-        epoch_done = advance(progress, update_applied, len(plan), args.max_nonfinite_steps)
+        epoch_done = advance(
+            progress,
+            update_applied=update_applied,
+            steps_in_epoch=len(plan),
+            max_nonfinite_steps=args.max_nonfinite_steps,
+        )
         if epoch_done:
-            plan = plan_epoch(args, lengths, progress)
+            plan = this_ranks_epoch_plan(args, lengths, progress)
 
         step = progress["step"]
         stopped = any_rank(stop_requested.is_set())  # so that every rank stops after this step
@@ -340,11 +372,19 @@ def train(
             log_training(args, window, totals, progress, lr=lr, grad_norm=grad_norm)
             window = new_log_window(device)
         if last or is_due(step, args.eval_steps, epoch_done):
+            # The plain model, not ddp_model: DDP's hooks are for training.
             last_eval = evaluate_and_keep_best(
-                args, model, tokenizer, eval_sets, progress, autocast
+                args, model, tokenizer, eval_sets=eval_sets, progress=progress, autocast=autocast
             )
         if save_due:
-            save_checkpoint_on_rank_0(args, model, optimizer, scheduler, scaler, progress)
+            save_training_state(
+                args,
+                model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                progress=progress,
+            )
 
     seconds = totals["seconds"]
     return {
@@ -361,7 +401,7 @@ def train(
     }
 
 
-def plan_epoch(args, lengths, progress):
+def this_ranks_epoch_plan(args, lengths, progress):
     """This rank's steps of the epoch that `progress` is in (see data.epoch_plan)."""
     plan = epoch_plan(
         lengths,
@@ -376,18 +416,32 @@ def plan_epoch(args, lengths, progress):
     if progress["step_in_epoch"] >= len(plan):
         # Only a checkpoint resumed with --ignore_checkpoint_mismatch on other data or another
         # batch size gets here: its position lies past the end of this run's epoch.
-        print(
-            f"step {progress['step']} lies past the end of epoch {progress['epoch']} for this "
-            "run's data and batch: continuing with the next epoch",
-            flush=True,
-        )
+        if get_rank() == 0:
+            print(
+                f"step {progress['step']} lies past the end of epoch {progress['epoch']} for "
+                "this run's data and batch: continuing with the next epoch",
+                flush=True,
+            )
         progress["epoch"] += 1
         progress["step_in_epoch"] = 0
-        return plan_epoch(args, lengths, progress)
+        return this_ranks_epoch_plan(args, lengths, progress)
     return plan
 
 
-def advance(progress, update_applied, steps_in_epoch, max_nonfinite_steps):
+def new_progress():
+    """The position of a fresh run; every checkpoint saves the current one."""
+    return {
+        "step": 0,
+        "epoch": 0,
+        "step_in_epoch": 0,
+        "best_eval": None,
+        "best_step": None,
+        "nonfinite_streak": 0,
+        "skipped_steps": 0,
+    }
+
+
+def advance(progress, *, update_applied, steps_in_epoch, max_nonfinite_steps):
     """Count a finished step in `progress` (the run's position, saved in every checkpoint).
     Returns whether it ended an epoch."""
     progress["step"] += 1
@@ -475,10 +529,10 @@ def is_better(value, best):
     return best is None or value > best
 
 
-def evaluate_and_keep_best(args, model, tokenizer, eval_sets, progress, autocast):
+def evaluate_and_keep_best(args, model, tokenizer, *, eval_sets, progress, autocast):
     step = progress["step"]
     pad_id = tokenizer.pad_token_id or 0
-    results = evaluate(model, eval_sets, args, pad_id, autocast)
+    results = evaluate(args, model, eval_sets=eval_sets, pad_id=pad_id, autocast=autocast)
     if get_rank() == 0:
         append_log(args.output_dir, {"step": step, "eval": results})
         scores = "  ".join(f"{name} {value:.4f}" for name, value in results.items())
@@ -499,11 +553,12 @@ def evaluate_and_keep_best(args, model, tokenizer, eval_sets, progress, autocast
 
 
 @torch.no_grad()
-def predict(model, examples, batch_size, regression, pad_id, autocast):
+def predict(model, examples, *, batch_size, regression, pad_id, autocast):
     """Predictions for every example, in order, on every rank. Each rank predicts every
     world_size-th example of a length-sorted order (batches with little padding), longest first
     (an out-of-memory error shows at once, not at the end). Gathered by index, every example
-    counts once (a DistributedSampler would pad the last batch with repeats)."""
+    counts once (a DistributedSampler would pad the last batch with repeats). Leaves the model
+    in training mode."""
     device = next(model.parameters()).device
     model.eval()
     by_length = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
@@ -529,7 +584,7 @@ def predict(model, examples, batch_size, regression, pad_id, autocast):
     return predictions
 
 
-def evaluate(model, eval_sets, args, pad_id, autocast):
+def evaluate(args, model, *, eval_sets, pad_id, autocast):
     """The task's metrics on each of its dev splits (MNLI has two)."""
     task_name = args.task_name
     results = {}
@@ -619,6 +674,7 @@ def save_checkpoint(output_dir, step, state):
             f.write(f"{step}\n")
         fsync(os.path.join(tmp, "state.pt"))
         fsync(os.path.join(tmp, "COMPLETE"))
+        fsync(tmp)
     except (OSError, RuntimeError) as error:  # disk full, quota, I/O error: older ones untouched
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_failed(final, error) from None
@@ -630,25 +686,42 @@ def save_checkpoint(output_dir, step, state):
 
 def save_pretrained_atomically(model, tokenizer, path, record):
     """Hugging Face format (from_pretrained, pipeline) plus eval.json (which step, what scores),
-    written beside and swapped in by renames: a crash leaves the old folder or the new one."""
+    written beside, flushed to disk and swapped in by renames."""
     tmp, old = path + ".tmp", path + ".old"
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
+    recover_swapped_folder(path)
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "eval.json"), "w") as f:
             json.dump(record, f, indent=2)
+        for name in os.listdir(tmp):
+            fsync(os.path.join(tmp, name))
+        fsync(tmp)
     except Exception as error:  # OSError, or safetensors' own error type for a failed write
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_failed(path, error) from None
     if os.path.exists(path):
         os.replace(path, old)
-    os.replace(tmp, path)
+    os.replace(
+        tmp, path
+    )  # a crash just before this leaves only path.old: see recover_swapped_folder
+    fsync(os.path.dirname(path))
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint_on_rank_0(args, model, optimizer, scheduler, scaler, progress):
+def recover_swapped_folder(path):
+    """Put back the previous best/ or final/ if a crash fell between save_pretrained_atomically's
+    two renames; otherwise drop what an earlier crash left behind."""
+    old = path + ".old"
+    if os.path.isdir(old) and not os.path.exists(path):
+        os.replace(old, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_training_state(args, model, *, optimizer, scheduler, scaler, progress):
+    """A checkpoint of the run. Call it on every rank (it gathers their RNG states); rank 0
+    writes it."""
     device = next(model.parameters()).device
     rng = all_gather(get_rng_state(device))  # each rank has its own dropout stream
     if get_rank() == 0:  # DDP keeps the replicas identical: one copy of model and optimizer will do
@@ -663,6 +736,7 @@ def save_checkpoint_on_rank_0(args, model, optimizer, scheduler, scaler, progres
             "rng": rng,
         }
         save_checkpoint(args.output_dir, progress["step"], state)
+        # The best step's checkpoint is kept: it can be resumed from (best/ holds the weights only).
         rotate_checkpoints(args.output_dir, args.save_total_limit, keep_step=progress["best_step"])
     if get_world_size() > 1:
         dist.barrier()  # no rank exits (tearing the group down) before the checkpoint is on disk
@@ -692,11 +766,15 @@ def rotate_checkpoints(output_dir, limit, keep_step):
 
 
 def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise ValueError(f"{path} does not exist: give a checkpoint-N folder, 'latest' or 'auto'")
     if not os.path.isdir(path):
         raise ValueError(f"{path} is not a folder: give a checkpoint-N folder, 'latest' or 'auto'")
     state_path = os.path.join(path, "state.pt")
     if not os.path.isfile(state_path):
         raise ValueError(f"{path} is not a checkpoint of this trainer (it has no state.pt)")
+    # The rename makes our own writes all-or-nothing; the marker also catches a checkpoint copied
+    # (or synced to another machine) only in part.
     if not os.path.isfile(os.path.join(path, "COMPLETE")):
         raise ValueError(
             f"checkpoint {path} is incomplete (no COMPLETE marker): it was being "
@@ -723,11 +801,6 @@ def find_checkpoint(output_dir, resume_from):
     that loads, skipping (with a warning) any that a crash or a disk fault left broken.
     Returns (path, state), or (None, None) for 'auto' on a run with no checkpoint yet."""
     if resume_from not in ("latest", "auto"):
-        if not os.path.exists(resume_from):
-            raise ValueError(
-                f"--resume_from_checkpoint {resume_from} does not exist: give a "
-                "checkpoint-N folder, 'latest' or 'auto'"
-            )
         return resume_from, load_checkpoint(resume_from)
     candidates = list_checkpoints(output_dir)
     for _, path in candidates:
@@ -735,9 +808,8 @@ def find_checkpoint(output_dir, resume_from):
             return path, load_checkpoint(path)
         except ValueError as error:
             print(f"warning: skipping {error}", file=sys.stderr)
-    if (
-        candidates or resume_from == "latest"
-    ):  # never silently restart a run whose checkpoints broke
+    # Never silently restart a run whose checkpoints all broke.
+    if candidates or resume_from == "latest":
         what = "none of them loads" if candidates else "there is none"
         raise ValueError(
             f"no usable checkpoint in {output_dir} ({what}): fix or remove them, "
@@ -755,7 +827,7 @@ def load_checkpoint_on_every_rank(output_dir, resume_from):
     if get_rank() == 0:
         try:
             choice[0], state = find_checkpoint(output_dir, resume_from)
-        except ValueError as error:
+        except (ValueError, OSError) as error:  # the other ranks wait for the choice: tell them
             choice[1] = str(error)
     if get_world_size() > 1:
         dist.broadcast_object_list(choice, src=0)
@@ -788,7 +860,15 @@ def restore(checkpoint, args, model, optimizer, scheduler, scaler):
             f"the checkpoint does not fit this model ({first_line}): resume with "
             "the model it was trained from"
         ) from None
-    apply_hyperparameters(optimizer, scheduler, args.learning_rate, args.weight_decay)
+    # On the CPU, load_state_dict keeps the optimizer's tensors as loaded: memory-mapped from
+    # state.pt, which rotation will delete. Give them memory of their own.
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.device.type == "cpu":
+                state[key] = value.clone()
+    apply_hyperparameters(
+        optimizer, scheduler, learning_rate=args.learning_rate, weight_decay=args.weight_decay
+    )
     progress = dict(checkpoint["progress"])
     if len(checkpoint["rng"]) == get_world_size():  # each rank continues its own dropout stream
         set_rng_state(checkpoint["rng"][get_rank()], next(model.parameters()).device)
@@ -873,6 +953,10 @@ def truncate_log(output_dir, step):
     kept = []
     with open(path) as f:
         for line in f:
-            if line.endswith("}\n") and json.loads(line)["step"] <= step:
+            try:
+                record = json.loads(line)
+            except ValueError:  # cut short by a kill (and maybe glued to the next record)
+                continue
+            if line.endswith("\n") and record["step"] <= step:
                 kept.append(line)
     write_file_atomically(path, "".join(kept))

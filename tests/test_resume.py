@@ -131,7 +131,9 @@ def test_a_failing_write_of_best_or_final_is_one_error_and_the_next_run_recovers
     train_in_process(tiny_model, out, *RUN, "--max_steps", 2, "--save_steps", 1, "--eval_steps", 1)
     best_before = model_weights(f"{out}/best")
     improving = iter(range(2, 100))  # above any real accuracy: every evaluation a new best
-    monkeypatch.setattr(trainer, "evaluate", lambda *args: {"accuracy": next(improving), "f1": 0.5})
+    monkeypatch.setattr(
+        trainer, "evaluate", lambda *args, **kwargs: {"accuracy": next(improving), "f1": 0.5}
+    )
     failing_save_pretrained(monkeypatch, folder)
     args = [*RUN, "--max_steps", 4, "--save_steps", 1, "--eval_steps", 1, "--learning_rate", 1e-2]
     with pytest.raises(

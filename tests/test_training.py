@@ -189,7 +189,7 @@ def scripted_evaluation(monkeypatch, accuracies):
     """Make the n-th evaluation report accuracies[n - 1], so that which one is best is known."""
     calls = []
 
-    def evaluate(model, eval_sets, args, pad_id, autocast):
+    def evaluate(args, model, *, eval_sets, pad_id, autocast):
         calls.append(1)
         return {"accuracy": accuracies[len(calls) - 1], "f1": 0.5}
 
