@@ -203,11 +203,13 @@ def load_split(task_name, split, data_dir):
     if data_dir:
         if not os.path.exists(data_dir):
             raise ValueError(
-                f"--data_dir {data_dir} does not exist: give the folder holding {task['folder']}/"
+                f"--data_dir (or GLUE_DIR) {data_dir} does not exist: give the folder holding "
+                f"{task['folder']}/"
             )
         if not os.path.isdir(data_dir):
             raise ValueError(
-                f"--data_dir {data_dir} is a file: give the folder that holds {task['folder']}/"
+                f"--data_dir (or GLUE_DIR) {data_dir} is a file: give the folder holding "
+                f"{task['folder']}/"
             )
         # dev.tsv, dev_matched.tsv, test_mismatched.tsv, ...
         file_name = split.replace("validation", "dev") + ".tsv"

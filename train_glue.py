@@ -82,6 +82,11 @@ def parse_args(argv=None):
     add("--ddp_timeout", type=int, default=1800, help="seconds any collective may wait")
     add("--ddp_find_unused_parameters", action="store_true", help="a forward skips parameters")
     add("--debug", action="store_true", help="show tracebacks")
+
+    def usage_error(message):  # one line and status 1, as for every other bad input
+        parser.exit(1, f"error: {message} (see --help)\n")
+
+    parser.error = usage_error
     return parser.parse_args(argv)
 
 
@@ -144,6 +149,12 @@ def check_args(args):
         "--warmup_ratio and --warmup_steps both given: pick one",
     )
     require(not (args.fp16 and args.bf16), "--fp16 and --bf16 are exclusive: pick one")
+    require(args.output_dir != "", "--output_dir is empty: give a folder")
+    require(args.data_dir != "", "--data_dir (or GLUE_DIR) is empty: give the GLUE folder")
+    week = 7 * 24 * 3600
+    require(
+        args.ddp_timeout <= week, f"--ddp_timeout must be at most {week} s (got {args.ddp_timeout})"
+    )
     names = data.metric_names(args.task_name)
     require(
         args.metric_for_best_model in [None] + names,
@@ -185,17 +196,24 @@ def is_our_output(path):
     contents = os.listdir(path)
     if re.fullmatch(r"checkpoint-\d+", name):
         return set(contents) <= {"state.pt", "COMPLETE"}
-    if name in ("best", "final"):
-        return "eval.json" in contents  # written beside every model this trainer saves
+    if name in ("best", "final"):  # eval.json lists what the trainer wrote there
+        record = read_json(os.path.join(path, "eval.json"))
+        return record is not None and set(contents) <= set(record.get("files", []))
     if re.fullmatch(r"abandoned-after-step-[\d-]+", name):
         return all(is_our_output(os.path.join(path, entry)) for entry in contents)
     return False
+
+
+def looks_like_ours(name):
+    return re.fullmatch(r"best|final|checkpoint-\d+|abandoned-after-step-[\d-]+", name) is not None
 
 
 def check_output_dir(args):
     """Refuse an output dir we cannot write, or one holding another run, before anything else;
     create nothing yet (a run that fails to start leaves no empty folder behind)."""
     path = args.output_dir
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ValueError(f"--output_dir {path} is a broken symbolic link: fix or remove it")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"--output_dir {path} is a file: choose a folder")
     existing = os.path.abspath(path)
@@ -208,17 +226,24 @@ def check_output_dir(args):
         )
     names = sorted(os.listdir(path)) if os.path.isdir(path) else []
     ours = [name for name in names if is_our_output(os.path.join(path, name))]
+    # A folder named like ours that holds something else would be rotated away or replaced.
+    taken = [name for name in names if name not in ours and looks_like_ours(name)]
+    if taken:
+        raise ValueError(
+            f"{path} holds {', '.join(taken[:3])}, named like this trainer's outputs but "
+            "holding files it did not write: move them out, or choose another --output_dir"
+        )
     resume = args.resume_from_checkpoint
     if args.overwrite_output_dir:
-        inside = resume is not None and os.path.abspath(resume).startswith(
-            os.path.abspath(path) + os.sep
+        inside = resume is not None and os.path.realpath(resume).startswith(
+            os.path.realpath(path) + os.sep
         )
         if resume in ("latest", "auto") or inside:
             raise ValueError(
                 "--overwrite_output_dir would delete the checkpoint that "
                 "--resume_from_checkpoint resumes from: pick one"
             )
-        foreign = [name for name in names if not is_our_output(os.path.join(path, name))]
+        foreign = [name for name in names if name not in ours]
         if foreign:
             raise ValueError(
                 f"--overwrite_output_dir refuses to empty {path}: it holds files this "
@@ -255,6 +280,9 @@ def retire_abandoned_timeline(output_dir, step, best_step):
     os.makedirs(folder)
     for path in retired:
         os.replace(path, os.path.join(folder, os.path.basename(path)))
+    log = os.path.join(output_dir, "log.jsonl")
+    if os.path.exists(log):  # the whole log goes along; the run keeps what comes up to `step`
+        shutil.copy2(log, os.path.join(folder, "log.jsonl"))
     names = ", ".join(sorted(os.path.basename(path) for path in retired))
     return [
         f"resuming from step {step}: {names} went beyond it; moved to {folder} (delete it "
@@ -369,7 +397,13 @@ def count_steps(args, num_examples):
     if args.max_steps > 0:
         args.total_steps = args.max_steps
     else:
-        args.total_steps = math.ceil(args.steps_per_epoch * args.num_train_epochs)
+        steps = args.steps_per_epoch * args.num_train_epochs
+        if steps > 1e12:
+            raise ValueError(
+                f"--num_train_epochs {args.num_train_epochs} is more than a run can finish "
+                f"({args.steps_per_epoch} steps an epoch): give fewer"
+            )
+        args.total_steps = math.ceil(steps)
     warmup_steps = args.warmup_steps
     if warmup_steps == 0:
         warmup_steps = math.ceil(args.warmup_ratio * args.total_steps)
@@ -431,9 +465,14 @@ def run(args, stop_requested=None):
         )
     if resume_path is not None:
         notes += trainer.check_resumable(checkpoint, args)
+        saved = checkpoint["settings"]
+        best_rule = [args.metric_for_best_model, args.max_eval_samples]
         progress = trainer.restore(
             checkpoint, args, model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
         )
+        if [saved.get("metric_for_best_model"), saved.get("max_eval_samples")] != best_rule:
+            notes.append("the best model is chosen afresh: its metric or its dev set changed")
+            progress["best_eval"], progress["best_step"] = None, None
         del checkpoint  # the model's and optimizer's tensors are copies now
         notes.insert(0, f"resuming from {resume_path} (step {progress['step']})")
         if progress["step"] > args.total_steps:
@@ -444,6 +483,10 @@ def run(args, stop_requested=None):
     if args.torch_compile:
         model.compile()  # in place, so state_dict keys stay those of the plain model
 
+    if trainer.any_rank(stop_requested.is_set()):  # asked to stop while loading: write nothing
+        if rank == 0:
+            print("stopped before the first step: nothing to save", file=sys.stderr)
+        return True
     # 'auto' that found no checkpoint resumes from step 0: a log from a run that died before its
     # first checkpoint is dropped, not continued.
     notes += start_writing(args, progress, resuming=args.resume_from_checkpoint is not None)

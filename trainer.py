@@ -632,6 +632,8 @@ def fsync(path):
 
 def write_failed(path, error):
     """One error for every failed write: which path, why, and that the previous version stands."""
+    if str(error).startswith("could not write"):  # already one of ours, from a helper
+        return error
     reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:200]
     return OSError(f"could not write {path} ({reason}); the previous version is intact")
 
@@ -693,19 +695,21 @@ def save_pretrained_atomically(model, tokenizer, path, record):
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # What this folder holds: --overwrite_output_dir deletes a best/ or final/ only if
+        # nothing else has been put in it.
+        record = dict(record, files=sorted(os.listdir(tmp)) + ["eval.json"])
         with open(os.path.join(tmp, "eval.json"), "w") as f:
             json.dump(record, f, indent=2)
         for name in os.listdir(tmp):
             fsync(os.path.join(tmp, name))
         fsync(tmp)
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)  # a crash just before this leaves path.old: recover_swapped_folder
     except Exception as error:  # OSError, or safetensors' own error type for a failed write
         shutil.rmtree(tmp, ignore_errors=True)
+        recover_swapped_folder(path)
         raise write_failed(path, error) from None
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(
-        tmp, path
-    )  # a crash just before this leaves only path.old: see recover_swapped_folder
     fsync(os.path.dirname(path))
     shutil.rmtree(old, ignore_errors=True)
 
@@ -743,23 +747,33 @@ def save_training_state(args, model, *, optimizer, scheduler, scaler, progress):
 
 
 def list_checkpoints(output_dir):
-    """(step, path) of each checkpoint-N folder, newest first (unfinished .tmp ones never match)."""
+    """(step, path) of each checkpoint-N folder, newest first (unfinished .tmp ones never match).
+    Only folders that hold nothing but what save_checkpoint writes: never somebody else's."""
     if not os.path.isdir(output_dir):
         return []
     found = []
     for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
         match = re.fullmatch(r"checkpoint-(\d+)", name)
-        if match:
-            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+        if match and os.path.isdir(path) and set(os.listdir(path)) <= {"state.pt", "COMPLETE"}:
+            found.append((int(match.group(1)), path))
     return sorted(found, reverse=True)
 
 
 def rotate_checkpoints(output_dir, limit, keep_step):
     """Delete the oldest checkpoints beyond `limit`, never the one of the best model. Renaming to
     .tmp first makes each vanish at once: a kill mid-delete leaves no half checkpoint behind."""
-    for step, path in list_checkpoints(output_dir)[limit:]:
-        if step != keep_step:
-            os.replace(path, path + ".tmp")
+    try:
+        for step, path in list_checkpoints(output_dir)[limit:]:
+            if step != keep_step:
+                os.replace(path, path + ".tmp")
+    except (
+        OSError
+    ) as error:  # the new checkpoint is safe: an old one left over is no reason to stop
+        print(
+            f"warning: could not delete an old checkpoint ({error}): delete it yourself",
+            file=sys.stderr,
+        )
     for name in os.listdir(output_dir):  # also what earlier crashes left mid-write
         if re.fullmatch(r"checkpoint-\d+\.tmp", name):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
@@ -789,6 +803,14 @@ def load_checkpoint(path):
         raise ValueError(
             f"checkpoint {path} is corrupt or unsafe ({type(error).__name__}: {first_line})"
         ) from None
+    if isinstance(state, dict) and isinstance(state.get("progress"), dict):
+        # 'auto' trusts the number in the name; a renamed checkpoint would mislead it.
+        match = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
+        if match and int(match.group(1)) != state["progress"].get("step"):
+            raise ValueError(
+                f"{path} holds step {state['progress']['step']}: a renamed checkpoint; name it "
+                f"checkpoint-{state['progress']['step']}"
+            )
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
         raise ValueError(
             f"checkpoint {path} was not written by this version of the trainer (keys missing)"
@@ -810,10 +832,14 @@ def find_checkpoint(output_dir, resume_from):
             print(f"warning: skipping {error}", file=sys.stderr)
     # Never silently restart a run whose checkpoints all broke.
     if candidates or resume_from == "latest":
-        what = "none of them loads" if candidates else "there is none"
+        if candidates:
+            raise ValueError(
+                f"no checkpoint in {output_dir} loads: fix or remove them, or pass "
+                "--overwrite_output_dir to start again"
+            )
         raise ValueError(
-            f"no usable checkpoint in {output_dir} ({what}): fix or remove them, "
-            "or pass --overwrite_output_dir to start again"
+            f"no checkpoint in {output_dir} to resume from: use 'auto' to start "
+            "afresh when there is none"
         )
     return None, None
 
@@ -916,6 +942,8 @@ def changeable_settings(args):
         "save_steps",
         "save_total_limit",
         "max_nonfinite_steps",
+        "metric_for_best_model",
+        "max_eval_samples",
     ]
     return {name: getattr(args, name) for name in names}
 
@@ -957,6 +985,6 @@ def truncate_log(output_dir, step):
                 record = json.loads(line)
             except ValueError:  # cut short by a kill (and maybe glued to the next record)
                 continue
-            if line.endswith("\n") and record["step"] <= step:
+            if line.endswith("\n") and isinstance(record, dict) and record.get("step", 0) <= step:
                 kept.append(line)
     write_file_atomically(path, "".join(kept))

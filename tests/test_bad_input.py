@@ -73,8 +73,8 @@ CASES = {
                             "--metric_for_best_model bleu is not one of"),
     # data
     "missing data dir": (["--data_dir", "/nonexistent/glue"], None,
-                         "--data_dir /nonexistent/glue does not exist"),
-    "data dir is a file": (["--data_dir", "A_FILE"], None, "--data_dir .* is a file"),
+                         "--data_dir \\(or GLUE_DIR\\) /nonexistent/glue does not exist"),
+    "data dir is a file": (["--data_dir", "A_FILE"], None, "--data_dir \\(or GLUE_DIR\\) .* is a file"),
     "missing split file": (["--task_name", "rte"], {"RTE": {"train.tsv": RTE_OK}},
                            "missing data file .*dev.tsv"),
     "malformed row": (["--task_name", "rte"],
@@ -118,6 +118,12 @@ CASES = {
     "output dir is a file": (["--output_dir", "A_FILE"], None, "--output_dir .* is a file"),
     "overwrite a folder with foreign files": (["NO_RESUME", "--overwrite_output_dir", "FOREIGN"],
                                               None, "refuses to empty .*notes.txt"),
+    "a user's folder named like a checkpoint": (["USER_CHECKPOINT"], None, "checkpoint-5, named like this trainer's outputs"),
+    "empty output dir flag": (["--output_dir", ""], None, "--output_dir is empty"),
+    "empty data dir flag": (["--data_dir", ""], None, "--data_dir \\(or GLUE_DIR\\) is empty"),
+    "epochs past any machine": (["--max_steps", -1, "--num_train_epochs", "1e308"], None, "--num_train_epochs 1e\\+308 is more than a run can finish"),
+    "timeout past a week": (["--ddp_timeout", 10**14], None, "--ddp_timeout must be at most 604800"),
+    "misspelled flag": (["--num_epochs", 2], None, "unrecognized arguments: --num_epochs 2"),
     "overwrite and resume": (["--overwrite_output_dir"], None,
                              "--overwrite_output_dir would delete the checkpoint"),
 }  # fmt: skip
@@ -147,9 +153,12 @@ def placeholders(extra, out, tmp_path):
             with open(f"{out}/checkpoint-2/state.pt", "r+b") as f:
                 f.truncate(1000 if flag == "TRUNCATED" else 0)
             flags.append(f"{out}/checkpoint-2")
+        elif flag == "USER_CHECKPOINT":
+            os.makedirs(tmp_path / "out" / "checkpoint-5")
+            (tmp_path / "out" / "checkpoint-5" / "notes.txt").write_text("mine")
         elif flag == "FOREIGN":
             (tmp_path / "out" / "notes.txt").write_text("mine, not the trainer's")
-        elif flag != "NO_RESUME":
+        elif flag not in ("NO_RESUME", "USER_CHECKPOINT"):
             flags.append(str(flag))
     return flags
 

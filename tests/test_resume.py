@@ -33,7 +33,15 @@ def test_resuming_from_an_older_checkpoint_retires_the_abandoned_timeline(
     assert "moved to" in console and "abandoned-after-step-4" in console
     [abandoned] = glob.glob(f"{out}/abandoned-after-step-4-*")
     retired = sorted(os.listdir(abandoned))
-    assert retired == ["MRPC.tsv", "best", "checkpoint-6", "checkpoint-8", "final", "results.json"]
+    assert retired == [
+        "MRPC.tsv",
+        "best",
+        "checkpoint-6",
+        "checkpoint-8",
+        "final",
+        "log.jsonl",
+        "results.json",
+    ]
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == [
         "checkpoint-2", "checkpoint-4", "checkpoint-6"]  # fmt: skip
     assert not os.path.exists(f"{out}/MRPC.tsv")  # this run did not ask for predictions
@@ -180,7 +188,13 @@ def test_overwrite_removes_exactly_what_the_trainer_wrote(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "planted", ["checkpoint-2/state.pt.backup", "checkpoint-9/notes.txt", "best/weights.bin"]
+    "planted",
+    [
+        "checkpoint-2/state.pt.backup",
+        "checkpoint-9/notes.txt",
+        "best/weights.bin",
+        "final/analysis.ipynb",
+    ],
 )
 def test_overwrite_refuses_a_folder_named_like_ours_that_it_did_not_write(
     tiny_model, tmp_path, planted
@@ -191,6 +205,22 @@ def test_overwrite_refuses_a_folder_named_like_ours_that_it_did_not_write(
         shutil.rmtree(folder)
     os.makedirs(folder, exist_ok=True)
     open(f"{out}/{planted}", "w").write("not the trainer's")
-    with pytest.raises(ValueError, match=f"refuses to empty .*{os.path.basename(folder)}"):
+    with pytest.raises(ValueError, match=f"{os.path.basename(folder)}.*did not write"):
         train_in_process(tiny_model, out, *RUN, "--max_steps", 2, "--overwrite_output_dir")
     assert os.path.exists(f"{out}/{planted}")
+
+
+def test_resume_survives_a_log_line_without_a_step_and_skips_a_renamed_checkpoint(
+    tiny_model, tmp_path, capsys
+):
+    out = train_in_process(tiny_model, str(tmp_path / "run"), *RUN, "--max_steps", 6, "--save_steps", 2,
+                           "--save_total_limit", 5)  # fmt: skip
+    with open(f"{out}/log.jsonl", "a") as f:
+        f.write('{"oops": 1}\n{"step": 7, "loss": 0.1}{"step"')  # junk, and a line a kill cut short
+    os.rename(f"{out}/checkpoint-4", f"{out}/checkpoint-40")  # 'auto' must not trust the name
+    train_in_process(tiny_model, out, *RUN, "--max_steps", 8, "--save_steps", 2, "--save_total_limit", 5,
+                     "--resume_from_checkpoint", "auto")  # fmt: skip
+    captured = capsys.readouterr()
+    assert "checkpoint-40 holds step 4: a renamed checkpoint" in captured.err
+    assert "resuming from" in captured.out and "checkpoint-6 (step 6)" in captured.out
+    assert logged_steps(out) == list(range(1, 9))
