@@ -10,6 +10,7 @@
 train_glue.py is the command line around it: flags, data, model, output files, signals.
 """
 
+import contextlib
 import datetime
 import json
 import math
@@ -246,16 +247,10 @@ def train_step(
         if world_size > 1 and not is_last:
             # Under DDP every backward all-reduces the gradients across ranks. Between micro-batches
             # only the local sum is needed: no_sync() skips that communication until the last one.
-            with model.no_sync():
-                loss = forward_backward(
-                    model,
-                    batch,
-                    loss_fn=loss_fn,
-                    autocast=autocast,
-                    scaler=scaler,
-                    loss_weight=loss_weight,
-                )
+            gradient_sync = model.no_sync()
         else:
+            gradient_sync = contextlib.nullcontext()
+        with gradient_sync:
             loss = forward_backward(
                 model,
                 batch,
