@@ -219,6 +219,13 @@ def check_output_dir(args):
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
+    parent = existing
+    while parent != os.path.dirname(parent):
+        if os.path.isfile(os.path.join(parent, "state.pt")):  # rotation would delete this run too
+            raise ValueError(
+                f"--output_dir {path} lies inside checkpoint {parent}: choose a folder outside it"
+            )
+        parent = os.path.dirname(parent)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
         raise ValueError(
             f"cannot write to --output_dir {path} ({existing} is not a writable "
@@ -407,10 +414,10 @@ def count_steps(args, num_examples):
     warmup_steps = args.warmup_steps
     if warmup_steps == 0:
         warmup_steps = math.ceil(args.warmup_ratio * args.total_steps)
-    if warmup_steps > args.total_steps:
+    if warmup_steps > 0 and warmup_steps >= args.total_steps:  # the run would end still warming up
         raise ValueError(
-            f"--warmup_steps {warmup_steps} is more than the run's {args.total_steps} steps: "
-            "lower it"
+            f"a warmup of {warmup_steps} steps leaves none of the run's {args.total_steps} steps "
+            "at the full learning rate: lower --warmup_steps or --warmup_ratio"
         )
     return warmup_steps
 

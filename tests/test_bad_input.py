@@ -65,7 +65,7 @@ CASES = {
     "warmup ratio 1": (["--warmup_ratio", 1], None, r"--warmup_ratio must be in \[0, 1\)"),
     "two warmups": (["--warmup_ratio", 0.1, "--warmup_steps", 1], None, "pick one"),
     "warmup past the end": (["--warmup_steps", 1000], None,
-                            "--warmup_steps 1000 is more than the run's 2 steps"),
+                            "a warmup of 1000 steps leaves none of the run's 2 steps"),
     "sequence too long": (["--max_seq_length", 4096], None, "exceeds the model's limit of 512"),
     "sequence too short for a pair": (["--max_seq_length", 2], None,
                                       "--max_seq_length 2 is too short for mrpc: at least 5"),
@@ -116,6 +116,8 @@ CASES = {
     # output dir
     "another run's output dir": (["NO_RESUME"], None, "already holds a run .*--overwrite_output_dir"),
     "output dir is a file": (["--output_dir", "A_FILE"], None, "--output_dir .* is a file"),
+    "output dir inside a checkpoint": (["--output_dir", "INSIDE_CHECKPOINT"], None, "lies inside checkpoint .*checkpoint-2"),
+    "warmup as long as the run": (["--warmup_ratio", 0.5, "--max_steps", 1], None, "a warmup of 1 steps leaves none of the run's 1 steps"),
     "overwrite a folder with foreign files": (["NO_RESUME", "--overwrite_output_dir", "FOREIGN"],
                                               None, "refuses to empty .*notes.txt"),
     "a user's folder named like a checkpoint": (["USER_CHECKPOINT"], None, "checkpoint-5, named like this trainer's outputs"),
@@ -153,6 +155,8 @@ def placeholders(extra, out, tmp_path):
             with open(f"{out}/checkpoint-2/state.pt", "r+b") as f:
                 f.truncate(1000 if flag == "TRUNCATED" else 0)
             flags.append(f"{out}/checkpoint-2")
+        elif flag == "INSIDE_CHECKPOINT":
+            flags.append(f"{out}/checkpoint-2/nested-run")
         elif flag == "USER_CHECKPOINT":
             os.makedirs(tmp_path / "out" / "checkpoint-5")
             (tmp_path / "out" / "checkpoint-5" / "notes.txt").write_text("mine")

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import psutil
@@ -53,7 +52,9 @@ def start(args, torchrun=0, extra_launcher=()):
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     # stderr goes to a file: a pipe nobody reads while we wait would fill up and block the run.
-    log = tempfile.NamedTemporaryFile("w+", suffix=".stderr", delete=False)
+    output_dir = args[args.index("--output_dir") + 1]
+    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+    log = open(f"{output_dir}.console", "w")  # beside the run, in the test's own tmp_path
     process = subprocess.Popen(
         launcher + [os.path.join(ROOT, "train_glue.py")] + [str(a) for a in args],
         start_new_session=True,  # its own process group, for a Ctrl-C to the whole group
