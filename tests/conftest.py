@@ -53,19 +53,17 @@ def tiny_model_dropout(tmp_path_factory):
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny-bert-dropout")), dropout=0.1)
 
 
+def launch_command(torchrun=0, extra_launcher=()):
+    """`python`, or torchrun with `torchrun` processes on this machine."""
+    if not torchrun:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
+            "--standalone", *extra_launcher]  # fmt: skip
+
+
 def run_cli(args, torchrun=0, env=None, timeout=300, check=True):
     """Run train_glue.py as a user would; torchrun=N launches N processes."""
-    launcher = (
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={torchrun}",
-            "--standalone",
-        ]
-        if torchrun
-        else [sys.executable]
-    )
+    launcher = launch_command(torchrun)
     full_env = dict(
         os.environ,
         PYTHONUNBUFFERED="1",

@@ -8,7 +8,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
@@ -19,6 +18,7 @@ import trainer
 from conftest import (
     GLUE,
     ROOT,
+    launch_command,
     model_weights,
     read_log,
     run_cli,
@@ -38,18 +38,7 @@ SHORT = [
 
 
 def start(args, torchrun=0, extra_launcher=()):
-    launcher = (
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={torchrun}",
-            "--standalone",
-            *extra_launcher,
-        ]
-        if torchrun
-        else [sys.executable]
-    )
+    launcher = launch_command(torchrun, extra_launcher)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     # stderr goes to a file: a pipe nobody reads while we wait would fill up and block the run.
     output_dir = args[args.index("--output_dir") + 1]
