@@ -169,7 +169,11 @@ def run_hf(args, settings, precision, out):
 
 
 def hf_worker(spec):
-    """HF Trainer on our tokenized examples, padded per batch by DataCollatorWithPadding (its dynamic padding)."""
+    """HF Trainer on our tokenized examples, padded per batch by DataCollatorWithPadding (its dynamic padding).
+
+    spec["settings"] may set seed (42), warmup_ratio (0.0) and log_dir: with a log_dir the dev set is
+    also evaluated after each epoch, and the run's curves and results go there in train_glue.py's
+    shapes (log.jsonl, results.json), so that glue_results.py reads an HF run like one of ours."""
     import datasets
     import numpy as np
     from transformers import (
@@ -182,10 +186,13 @@ def hf_worker(spec):
     )
 
     args, settings, out = argparse.Namespace(**spec["args"]), spec["settings"], spec["out"]
-    start = float(os.environ["BENCH_START"])
+    start = float(os.environ.get("BENCH_START", time.time()))
+    seed = settings.get("seed", 42)
+    log_dir = settings.get("log_dir")
     task = data.get_task(args.task)
+    regression = data.is_regression(args.task)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    torch.manual_seed(42)
+    torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         args.model, num_labels=len(task["labels"] or [0])
     )
@@ -200,6 +207,13 @@ def hf_worker(spec):
                 for e in examples
             ]
         )
+
+    def compute_metrics(prediction):
+        if regression:  # STS-B: one score per example, not class logits
+            predicted = prediction.predictions[:, 0]
+        else:
+            predicted = np.argmax(prediction.predictions, -1)
+        return metrics.compute_metrics(task["metrics"], predicted, prediction.label_ids)
 
     train_set = dataset("train", args.max_train_samples)
     eval_set = dataset(data.splits(args.task, "validation")[0], args.max_eval_samples)
@@ -217,12 +231,14 @@ def hf_worker(spec):
         weight_decay=0.01,
         num_train_epochs=args.epochs,
         lr_scheduler_type="linear",
+        # transformers 5 has no warmup_ratio: a float in [0, 1) here is that ratio of the steps.
+        warmup_steps=settings.get("warmup_ratio", 0.0),
         max_grad_norm=1.0,
         bf16=spec["precision"] == "bf16",
-        seed=42,
-        eval_strategy="no",
+        seed=seed,
+        eval_strategy="epoch" if log_dir else "no",
         save_strategy="no",
-        logging_steps=50,
+        logging_steps=10 if log_dir else 50,
         report_to="none",
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
@@ -232,10 +248,9 @@ def hf_worker(spec):
         model=model,
         args=training_args,
         train_dataset=train_set,
+        eval_dataset=eval_set,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=lambda p: metrics.compute_metrics(
-            task["metrics"], np.argmax(p.predictions, -1), p.label_ids
-        ),
+        compute_metrics=compute_metrics,
         callbacks=[FirstStep()],
     )
     train_metrics = trainer.train().metrics
@@ -253,6 +268,47 @@ def hf_worker(spec):
             },
             f,
         )
+    if log_dir:
+        write_hf_run(log_dir, trainer.state.log_history, dev, train_metrics)
+
+
+def write_hf_run(log_dir, log_history, dev, train_metrics):
+    """An HF run in train_glue.py's shapes: log.jsonl ({"step", "loss"} and {"step", "eval"}
+    records) and results.json ({"final": metrics, "train_samples_per_second"}), results last."""
+    evaluated_steps = set()  # the final evaluate() repeats the last epoch's evaluation
+    with open(os.path.join(log_dir, "log.jsonl"), "w") as f:
+        for record in log_history:
+            if "loss" in record:
+                f.write(json.dumps({"step": record["step"], "loss": record["loss"]}) + "\n")
+            elif "eval_loss" in record and record["step"] not in evaluated_steps:
+                evaluated_steps.add(record["step"])
+                evaluation = {}
+                for name, value in record.items():
+                    if name.startswith("eval_") and name.removeprefix("eval_") in dev:
+                        evaluation[name.removeprefix("eval_")] = value
+                f.write(json.dumps({"step": record["step"], "eval": evaluation}) + "\n")
+    results = {"final": dev, "train_samples_per_second": train_metrics["train_samples_per_second"]}
+    temporary = os.path.join(log_dir, "results.json.tmp")
+    with open(temporary, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(temporary, os.path.join(log_dir, "results.json"))
+
+
+def hf_run(args):
+    """--hf_run_dir: one HF Trainer run (dynamic padding, random order) at configuration (a) of
+    benchmarks/recipes.py, for glue_results.py; its outputs go into that folder."""
+    os.makedirs(args.hf_run_dir, exist_ok=True)
+    settings = {
+        "train_sampling_strategy": "random",
+        "seed": args.seed,
+        "warmup_ratio": args.warmup_ratio,
+        "log_dir": args.hf_run_dir,
+    }
+    args.model = args.model or default_model()
+    args.data_dir = os.path.abspath(args.data_dir)
+    with tempfile.TemporaryDirectory() as out:
+        spec = {"args": vars(args), "settings": settings, "precision": args.precisions, "out": out}
+        hf_worker(spec)
 
 
 def main():
@@ -277,9 +333,16 @@ def main():
     parser.add_argument("--max_eval_samples", type=int)
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--hf_worker", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--hf_run_dir", help="only one HF Trainer run, its log and results written here"
+    )
+    parser.add_argument("--seed", type=int, default=42, help="with --hf_run_dir")
+    parser.add_argument("--warmup_ratio", type=float, default=0.0, help="with --hf_run_dir")
     args = parser.parse_args()
     if args.hf_worker:
         return hf_worker(json.loads(args.hf_worker))
+    if args.hf_run_dir:
+        return hf_run(args)
     if args.quick:
         args.epochs, args.rounds, args.max_train_samples, args.max_eval_samples = 1.0, 2, 256, 64
     args.model = args.model or default_model()

@@ -1,17 +1,21 @@
-"""GLUE dev results of train_glue.py: (a) HF defaults and (b) our per-task recipe, over several seeds.
-Writes a Markdown table (results.md) and one PNG of training curves per task.
+"""GLUE dev results of train_glue.py: (a) HF defaults and (b) our per-task recipe, over several
+seeds, beside HF Trainer at (a). Writes a Markdown table (results.md) and one PNG of training curves
+per task.
 
-    python benchmarks/glue_results.py                                  # everything: hours on a CPU
+    python benchmarks/glue_results.py --report_dir docs/glue_results  # the README's table: hours
     python benchmarks/glue_results.py --tasks rte --configs search     # the recipe search of one task
     python benchmarks/glue_results.py --dry_run                        # only print the commands
-    python benchmarks/glue_results.py --tasks wnli --configs defaults --nproc_per_node 0 \\
+    python benchmarks/glue_results.py --tasks wnli --configs defaults \\
         --max_train_samples 64 --max_eval_samples 32 --epochs 1 --out_dir /tmp/glue_smoke
 
-The configurations live in benchmarks/recipes.py. Each run is the README's command, started as a
+The configurations live in benchmarks/recipes.py. Each run is the README's command (one plain
+process by default, the faster launch on a CPU; --nproc_per_node 2 for torchrun's), started as a
 subprocess from the repository root, with its own folder {out_dir}/{task}/{config}/seed-{seed}/.
+HF runs are benchmarks/compare_hf.py's HF Trainer, written in the same shapes.
 
 Rerun the same command after an interruption: finished runs (their folder has results.json) are
 skipped, and an unfinished one continues from its last checkpoint (--resume_from_checkpoint auto).
+A run whose command matches a finished run's but for its folder is linked to it, not run again.
 Ctrl-C stops the current run after it writes a checkpoint.
 
 Beside train_glue.py's own outputs, each run folder gets run.json (the flags and command, written
@@ -34,7 +38,7 @@ import recipes  # noqa: E402
 
 import data  # noqa: E402  (the task table: which metric comes first)
 
-CONFIG_CHOICES = ["defaults", "recipe", "search"]
+CONFIG_CHOICES = ["defaults", "recipe", "search", "hf"]
 
 # The exit statuses of train_glue.py stopped by Ctrl-C (130) or SIGTERM (143), after it wrote a
 # checkpoint: the user wants to stop, so this script stops too.
@@ -47,15 +51,22 @@ def parse_args():
     )
     add = parser.add_argument
     add("--tasks", default=",".join(recipes.TASKS), help="comma list (default: all six)")
-    add("--configs", default="defaults,recipe", help="comma list of defaults, recipe, search")
+    add(
+        "--configs",
+        default="defaults,search,recipe,hf",
+        help="comma list of defaults, search, recipe, hf (default: all, in that order)",
+    )
     add("--data_dir", default=os.path.join(ROOT, "..", "shared", "glue"))
-    add("--out_dir", default=os.path.join(ROOT, "runs", "glue_results"))
+    add("--out_dir", default=os.path.join(ROOT, "runs", "glue_results"), help="the run folders")
+    add("--report_dir", help="where results.md and the curves go (default: --out_dir)")
     add(
         "--nproc_per_node",
         type=int,
-        default=2,
-        help="processes per run under torch.distributed.run; 0: plain `python train_glue.py`",
+        default=0,
+        help="0 (default): plain `python train_glue.py`, one process with all cores, the faster "
+        "launch on a CPU; N: N processes under torch.distributed.run",
     )
+    add("--seeds", help="comma list: only these of each configuration's seeds")
     add("--max_train_samples", type=int, help="passed to train_glue.py (smoke tests)")
     add("--max_eval_samples", type=int, help="passed to train_glue.py (smoke tests)")
     add("--epochs", type=float, help="replaces every configuration's epochs (smoke tests)")
@@ -77,6 +88,7 @@ def parse_args():
     # on them wherever this script was started from.
     args.data_dir = os.path.abspath(args.data_dir)
     args.out_dir = os.path.abspath(args.out_dir)
+    args.report_dir = os.path.abspath(args.report_dir or args.out_dir)
     if not os.path.isdir(args.data_dir):
         parser.error(f"--data_dir {args.data_dir} is not a folder")
     return args
@@ -107,12 +119,19 @@ def plan_runs(args):
             elif config == "recipe":
                 named_configs = [("recipe", recipes.RECIPES[task])]
                 seeds = recipes.SEEDS[task]
+            elif config == "hf":
+                if task not in recipes.HF_TASKS:
+                    continue
+                named_configs = [("hf", recipes.DEFAULTS)]
+                seeds = recipes.HF_SEEDS
             else:
                 # The search compares candidates, so one seed each keeps it within budget.
                 named_configs = []
                 for flags in recipes.SEARCH[task]:
                     named_configs.append((search_name(flags), flags))
                 seeds = recipes.SEEDS[task][:1]
+            if args.seeds is not None:
+                seeds = [seed for seed in seeds if str(seed) in split_list(args.seeds)]
             for name, flags in named_configs:
                 for seed in seeds:
                     runs.append(make_run(args, task=task, config=name, seed=seed, flags=flags))
@@ -143,7 +162,9 @@ def make_run(args, task, config, seed, flags):
 
 
 def build_command(args, run, resume):
-    """The README's command for this run, as a list of arguments."""
+    """The README's command for this run (or compare_hf.py's for an HF run), as a list of arguments."""
+    if run["config"] == "hf":
+        return build_hf_command(args, run)
     if args.nproc_per_node == 0:
         launcher = [sys.executable]
     else:
@@ -173,6 +194,47 @@ def build_command(args, run, resume):
     if resume:
         command += ["--resume_from_checkpoint", "auto"]
     return command
+
+
+def build_hf_command(args, run):
+    """One HF Trainer run at configuration (a), by benchmarks/compare_hf.py. Its worker has (a)'s
+    batch (32), learning rate (5e-5) and weight decay (0.01) written in; the rest is passed. An
+    interrupted HF run starts again from the beginning: it saves no checkpoints."""
+    flags = run["flags"]
+    command = [
+        sys.executable,
+        os.path.join("benchmarks", "compare_hf.py"),
+        "--task",
+        run["task"],
+        "--data_dir",
+        shown_path(args.data_dir),
+        "--hf_run_dir",
+        shown_path(run["folder"]),
+        "--seed",
+        str(run["seed"]),
+        "--epochs",
+        str(flags["num_train_epochs"]),
+        "--warmup_ratio",
+        str(flags["warmup_ratio"]),
+        "--precisions",
+        "bf16" if flags.get("bf16") else "fp32",
+    ]
+    if args.max_train_samples is not None:
+        command += ["--max_train_samples", str(args.max_train_samples)]
+    if args.max_eval_samples is not None:
+        command += ["--max_eval_samples", str(args.max_eval_samples)]
+    return command
+
+
+def check_hf_defaults():
+    """compare_hf.py's worker fixes these three; refuse to label its runs (a) if (a) changed."""
+    fixed = {"per_device_train_batch_size": 32, "learning_rate": 5e-5, "weight_decay": 0.01}
+    for name, value in fixed.items():
+        if recipes.DEFAULTS[name] != value:
+            raise SystemExit(
+                f"error: DEFAULTS[{name!r}] is {recipes.DEFAULTS[name]} but compare_hf.py's HF "
+                f"worker uses {value}: change both or leave out --configs hf"
+            )
 
 
 def per_process_batch(global_batch, nproc_per_node):
@@ -248,6 +310,38 @@ def run_state(run):
     return "new"
 
 
+def same_run_key(command):
+    """What makes two runs the same run: their command, less the folder it writes to and a resume
+    flag. (The seed and every flag are in the command.)"""
+    words = shlex.split(command) if isinstance(command, str) else list(command)
+    key = []
+    skip_next = False
+    for word in words:
+        if skip_next:
+            skip_next = False
+        elif word in ("--output_dir", "--hf_run_dir", "--resume_from_checkpoint"):
+            skip_next = True
+        else:
+            key.append(word)
+    return key
+
+
+def find_finished_twin(args, run, command):
+    """A finished run folder under out_dir whose command is this run's but for its folder: the
+    search's copy of DEFAULTS is the defaults' run, the recipe's seed 42 a search candidate's."""
+    wanted = same_run_key(shown_command(command))
+    for task_config in sorted(os.listdir(os.path.join(args.out_dir, run["task"]))):
+        seed_folder = os.path.join(args.out_dir, run["task"], task_config, f"seed-{run['seed']}")
+        if os.path.realpath(seed_folder) == os.path.realpath(run["folder"]):
+            continue
+        if os.path.islink(seed_folder) or run_state({"folder": seed_folder}) != "finished":
+            continue
+        record = read_json(os.path.join(seed_folder, "run.json"))
+        if record is not None and same_run_key(record["command"]) == wanted:
+            return seed_folder
+    return None
+
+
 def check_folders(runs):
     """Refuse to reuse a folder that holds a run with other flags (for instance a recipe changed
     since): skipping or resuming it would report the old flags under the new name."""
@@ -301,6 +395,17 @@ def run_all(args, runs):
             print(f"{name}: skipped, {run['folder']} already has results.json", flush=True)
             continue
         command = build_command(args, run, resume=state == "interrupted")
+        twin = None
+        if state == "new" and os.path.isdir(os.path.join(args.out_dir, run["task"])):
+            twin = find_finished_twin(args, run, command)
+        if twin is not None:
+            if not args.dry_run:
+                # A link, not a copy: the table counts the run under both names, honestly
+                # the same run, and a rerun of this script finds it finished.
+                os.makedirs(os.path.dirname(run["folder"]), exist_ok=True)
+                os.symlink(os.path.relpath(twin, os.path.dirname(run["folder"])), run["folder"])
+            print(f"{name}: the same run as {twin}: linked, not run again", flush=True)
+            continue
         if args.dry_run:
             print(f"{name}:\n    {shown_command(command)}", flush=True)
             continue
@@ -488,6 +593,56 @@ def table_row(runs):
     return "| " + " | ".join(cells) + " |"
 
 
+def main_score(runs):
+    """'0.7843 ± 0.0061 (3)': the main metric over the seeds, and how many seeds."""
+    values = []
+    for run in runs:
+        values.append(next(iter(run["results"]["final"].values())))
+    return f"{format_score(values)} ({len(values)})"
+
+
+def mean_wall_minutes(runs):
+    minutes = []
+    for run in runs:
+        if run["wall"] is not None:
+            minutes.append(run["wall"]["seconds"] / 60)
+    if not minutes:
+        return "n/a"
+    return f"{statistics.fmean(minutes):.1f}"
+
+
+def summary_lines(groups):
+    """One row per task: the main metric under (a), (b) and HF at (a), the wall time of (a) and (b),
+    and what (b) changes. Rows only for tasks with a finished (a)."""
+    lines = [
+        "## Summary",
+        "",
+        "Main dev metric, mean ± std (number of seeds); wall: minutes per run.",
+        "",
+        "| task | metric | (a) defaults | (b) our recipe | HF Trainer at (a) | wall (a) | "
+        "wall (b) | (b) changes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for task in recipes.TASKS:
+        defaults = groups.get((task, "defaults"))
+        if defaults is None:
+            continue
+        recipe = groups.get((task, "recipe"))
+        hf = groups.get((task, "hf"))
+        cells = [task, next(iter(defaults[0]["results"]["final"])), main_score(defaults)]
+        cells.append(main_score(recipe) if recipe else "not run")
+        cells.append(main_score(hf) if hf else "not run")
+        cells.append(mean_wall_minutes(defaults))
+        cells.append(mean_wall_minutes(recipe) if recipe else "")
+        if recipe:
+            changes = flag_changes(defaults[0]["record"]["flags"], recipe[0]["record"]["flags"])
+            cells.append(changes or "none: the defaults won")
+        else:
+            cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def placeholder_note():
     """A line naming the tasks whose recipe is still DEFAULTS, so that nobody reads (b) as tuned."""
     untouched = []
@@ -521,7 +676,10 @@ def write_results(out_dir, groups):
     note = placeholder_note()
     if note is not None:
         lines += [note, ""]
+    lines += summary_lines(groups)
     lines += [
+        "## Every configuration run",
+        "",
         "| task | config | metric(s) | dev score | seeds | wall (min) | train samples/s | command |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -621,6 +779,8 @@ def main():
     check_folders(runs)
     for run in runs:  # refuse an uneven batch split now, not hours into the runs
         per_process_batch(run["flags"]["per_device_train_batch_size"], args.nproc_per_node)
+    if "hf" in args.configs:
+        check_hf_defaults()
     print(f"{len(runs)} runs into {args.out_dir}", flush=True)
     failed = run_all(args, runs)
     if args.dry_run:
@@ -628,13 +788,14 @@ def main():
 
     groups = collect(args.out_dir)
     if groups:
-        print(f"\nwrote {write_results(args.out_dir, groups)}")
+        os.makedirs(args.report_dir, exist_ok=True)
+        print(f"\nwrote {write_results(args.report_dir, groups)}")
         tasks = []
         for task, _ in groups:
             if task not in tasks:
                 tasks.append(task)
         for task in tasks:
-            print(f"wrote {plot_curves(args.out_dir, task, groups)}")
+            print(f"wrote {plot_curves(args.report_dir, task, groups)}")
     if failed:
         print(f"\n{len(failed)} runs failed:", file=sys.stderr)
         for name in failed:

@@ -1,0 +1,107 @@
+"""benchmarks/glue_results.py's bookkeeping, without training: which runs it links instead of
+running again, and what its summary table says."""
+
+import argparse
+import os
+import statistics
+import sys
+
+from conftest import GLUE, ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import glue_results  # noqa: E402
+import recipes  # noqa: E402
+
+
+def make_args(out_dir, tasks, configs):
+    return argparse.Namespace(
+        tasks=tasks,
+        configs=configs,
+        data_dir=GLUE,
+        out_dir=str(out_dir),
+        report_dir=str(out_dir),
+        nproc_per_node=0,
+        seeds=None,
+        max_train_samples=None,
+        max_eval_samples=None,
+        epochs=None,
+        logging_steps=10,
+        dry_run=False,
+    )
+
+
+def write_finished_run(args, run, score, seconds):
+    """A run folder as glue_results.py leaves it after a successful run, with a made-up score."""
+    os.makedirs(run["folder"])
+    command = glue_results.build_command(args, run, resume=False)
+    record = {"flags": run["flags"], "command": glue_results.shown_command(command)}
+    glue_results.write_json(os.path.join(run["folder"], "run.json"), record)
+    results = {"final": {"accuracy": score, "f1": score / 2}, "train_samples_per_second": 50.0}
+    glue_results.write_json(os.path.join(run["folder"], "results.json"), results)
+    wall = {"seconds": seconds, "launch_seconds": [seconds], "finished": True}
+    glue_results.write_json(os.path.join(run["folder"], "wall.json"), wall)
+
+
+def test_a_search_candidate_equal_to_the_defaults_is_linked_to_their_run_not_run_again(
+    tmp_path, monkeypatch
+):
+    args = make_args(tmp_path, tasks=["mrpc"], configs=["defaults"])
+    defaults = glue_results.plan_runs(args)
+    write_finished_run(args, defaults[0], score=0.8, seconds=60)  # seed 42 only
+
+    launched = []
+
+    def fake_launch(run, command):
+        launched.append(run["folder"])
+        os.makedirs(run["folder"])
+        glue_results.save_wall_time(run["folder"], seconds=1.0, finished=True)
+        return 0, False
+
+    monkeypatch.setattr(glue_results, "launch", fake_launch)
+    args.configs = ["search"]
+    search = glue_results.plan_runs(args)
+    same_as_defaults = [run for run in search if run["flags"] == defaults[0]["flags"]]
+    assert len(same_as_defaults) == 1
+    glue_results.run_all(args, same_as_defaults)
+
+    folder = same_as_defaults[0]["folder"]
+    assert launched == []
+    assert os.path.islink(folder)
+    assert os.path.realpath(folder) == os.path.realpath(defaults[0]["folder"])
+
+    # Candidates with another learning rate are other runs: launched, not linked.
+    others = [run for run in search if run["flags"] != defaults[0]["flags"]]
+    assert others
+    glue_results.run_all(args, others)
+    assert launched == [run["folder"] for run in others]
+    for run in others:
+        assert not os.path.islink(run["folder"])
+
+
+def test_the_summary_gives_each_configurations_mean_and_spread_and_what_the_recipe_changes(
+    tmp_path, monkeypatch
+):
+    recipe = dict(recipes.DEFAULTS)
+    recipe["learning_rate"] = 1e-4
+    monkeypatch.setitem(recipes.RECIPES, "mrpc", recipe)
+    args = make_args(tmp_path, tasks=["mrpc"], configs=["defaults", "recipe"])
+    scores = {"defaults": [0.70, 0.74, 0.75], "recipe": [0.80, 0.81, 0.85]}
+    for run in glue_results.plan_runs(args):
+        index = recipes.SEEDS["mrpc"].index(run["seed"])
+        write_finished_run(args, run, score=scores[run["config"]][index], seconds=60 * (index + 1))
+
+    path = glue_results.write_results(str(tmp_path), glue_results.collect(str(tmp_path)))
+    with open(path) as f:
+        text = f.read()
+
+    rows = [line for line in text.splitlines() if line.startswith("| mrpc | accuracy |")]
+    assert len(rows) == 1
+    cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    for config, cell in zip(["defaults", "recipe"], cells[2:4], strict=True):
+        values = scores[config]
+        mean = statistics.fmean(values)
+        spread = statistics.pstdev(values)
+        assert cell == f"{mean:.4f} ± {spread:.4f} (3)"
+    assert cells[4] == "not run"  # no HF runs in this folder
+    assert cells[5] == cells[6] == "2.0"  # minutes: (1 + 2 + 3) / 3
+    assert cells[7] == "learning_rate: 5e-05 -> 0.0001"
