@@ -605,9 +605,10 @@ def print_banner(args, *, train_set, eval_sets, device, notes):
         f"task {args.task_name}, model {args.model_name_or_path}: {len(train_set)} train / "
         f"{eval_examples} dev examples"
     )
+    processes = "process" if world_size == 1 else "processes"
     print(
         f"global batch {global_batch} = {args.per_device_train_batch_size} per device x "
-        f"{args.gradient_accumulation_steps} accumulation x {world_size} processes; "
+        f"{args.gradient_accumulation_steps} accumulation x {world_size} {processes}; "
         f"{args.total_steps} steps ({args.steps_per_epoch} an epoch); {precision} on {device}"
     )
     for note in notes:

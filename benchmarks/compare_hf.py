@@ -238,7 +238,7 @@ def hf_worker(spec):
         seed=seed,
         eval_strategy="epoch" if log_dir else "no",
         save_strategy="no",
-        logging_steps=10 if log_dir else 50,
+        logging_steps=settings.get("logging_steps", 50),
         report_to="none",
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
@@ -287,7 +287,15 @@ def write_hf_run(log_dir, log_history, dev, train_metrics):
                     if name.startswith("eval_") and name.removeprefix("eval_") in dev:
                         evaluation[name.removeprefix("eval_")] = value
                 f.write(json.dumps({"step": record["step"], "eval": evaluation}) + "\n")
-    results = {"final": dev, "train_samples_per_second": train_metrics["train_samples_per_second"]}
+    # Trainer's train_runtime includes the evaluation after each epoch; ours counts training only.
+    evaluation_seconds = 0.0
+    for record in log_history:
+        if "train_runtime" in record:  # the end of train(): the final evaluate() comes after
+            break
+        evaluation_seconds += record.get("eval_runtime", 0.0)
+    train_seconds = train_metrics["train_runtime"] - evaluation_seconds
+    samples = train_metrics["train_samples_per_second"] * train_metrics["train_runtime"]
+    results = {"final": dev, "train_samples_per_second": samples / train_seconds}
     temporary = os.path.join(log_dir, "results.json.tmp")
     with open(temporary, "w") as f:
         json.dump(results, f, indent=2)
@@ -302,6 +310,7 @@ def hf_run(args):
         "train_sampling_strategy": "random",
         "seed": args.seed,
         "warmup_ratio": args.warmup_ratio,
+        "logging_steps": args.logging_steps,
         "log_dir": args.hf_run_dir,
     }
     args.model = args.model or default_model()
@@ -338,6 +347,7 @@ def main():
     )
     parser.add_argument("--seed", type=int, default=42, help="with --hf_run_dir")
     parser.add_argument("--warmup_ratio", type=float, default=0.0, help="with --hf_run_dir")
+    parser.add_argument("--logging_steps", type=int, default=10, help="with --hf_run_dir")
     args = parser.parse_args()
     if args.hf_worker:
         return hf_worker(json.loads(args.hf_worker))

@@ -218,6 +218,8 @@ def build_hf_command(args, run):
         str(flags["warmup_ratio"]),
         "--precisions",
         "bf16" if flags.get("bf16") else "fp32",
+        "--logging_steps",
+        str(flags["logging_steps"]),
     ]
     if args.max_train_samples is not None:
         command += ["--max_train_samples", str(args.max_train_samples)]
@@ -229,11 +231,12 @@ def build_hf_command(args, run):
 def check_hf_defaults():
     """compare_hf.py's worker fixes these three; refuse to label its runs (a) if (a) changed."""
     fixed = {"per_device_train_batch_size": 32, "learning_rate": 5e-5, "weight_decay": 0.01}
-    for name, value in fixed.items():
-        if recipes.DEFAULTS[name] != value:
+    passed = {"num_train_epochs", "warmup_ratio", "bf16", "seed"}
+    for name, value in recipes.DEFAULTS.items():
+        if name not in passed and fixed.get(name, "not handled") != value:
             raise SystemExit(
-                f"error: DEFAULTS[{name!r}] is {recipes.DEFAULTS[name]} but compare_hf.py's HF "
-                f"worker uses {value}: change both or leave out --configs hf"
+                f"error: DEFAULTS[{name!r}] is {value}, which compare_hf.py's HF worker does not "
+                "use: change the worker too, or leave out --configs hf"
             )
 
 
@@ -310,26 +313,32 @@ def run_state(run):
     return "new"
 
 
-def same_run_key(command):
-    """What makes two runs the same run: their command, less the folder it writes to and a resume
-    flag. (The seed and every flag are in the command.)"""
-    words = shlex.split(command) if isinstance(command, str) else list(command)
-    key = []
-    skip_next = False
+def same_run_key(command, flags):
+    """What makes two runs the same run: the same program launched the same way on the same task
+    and data, with equal flags (3 and 3.0 epochs are equal; a switch left off is no flag). Only
+    the folder they write to may differ."""
+    words = shlex.split(command)
+    launcher = []
     for word in words:
-        if skip_next:
-            skip_next = False
-        elif word in ("--output_dir", "--hf_run_dir", "--resume_from_checkpoint"):
-            skip_next = True
-        else:
-            key.append(word)
-    return key
+        launcher.append(word)
+        if word.endswith(".py"):  # train_glue.py or compare_hf.py: the launch ends here
+            break
+    task = words[words.index("--task_name" if "--task_name" in words else "--task") + 1]
+    data_dir = words[words.index("--data_dir") + 1]
+    normalized = {}
+    for name, value in flags.items():
+        if value is False:
+            continue
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = float(value)
+        normalized[name] = value
+    return launcher, task, data_dir, normalized
 
 
 def find_finished_twin(args, run, command):
     """A finished run folder under out_dir whose command is this run's but for its folder: the
     search's copy of DEFAULTS is the defaults' run, the recipe's seed 42 a search candidate's."""
-    wanted = same_run_key(shown_command(command))
+    wanted = same_run_key(shown_command(command), run["flags"])
     for task_config in sorted(os.listdir(os.path.join(args.out_dir, run["task"]))):
         seed_folder = os.path.join(args.out_dir, run["task"], task_config, f"seed-{run['seed']}")
         if os.path.realpath(seed_folder) == os.path.realpath(run["folder"]):
@@ -337,7 +346,7 @@ def find_finished_twin(args, run, command):
         if os.path.islink(seed_folder) or run_state({"folder": seed_folder}) != "finished":
             continue
         record = read_json(os.path.join(seed_folder, "run.json"))
-        if record is not None and same_run_key(record["command"]) == wanted:
+        if record is not None and same_run_key(record["command"], record["flags"]) == wanted:
             return seed_folder
     return None
 
@@ -347,6 +356,14 @@ def check_folders(runs):
     since): skipping or resuming it would report the old flags under the new name."""
     problems = []
     for run in runs:
+        if os.path.islink(run["folder"]):
+            recorded = read_json(os.path.join(run["folder"], "run.json"))
+            if recorded is None or recorded["flags"] != run["flags"]:
+                # A link to a run that is gone, or that is no longer this run (a recipe chosen
+                # since): the link holds no data of its own, so it goes and the run is planned
+                # afresh.
+                os.unlink(run["folder"])
+            continue
         recorded = read_json(os.path.join(run["folder"], "run.json"))
         if recorded is not None and recorded["flags"] != run["flags"]:
             changes = flag_changes(recorded["flags"], run["flags"])
@@ -400,6 +417,8 @@ def run_all(args, runs):
             twin = find_finished_twin(args, run, command)
         if twin is not None:
             if not args.dry_run:
+                if os.path.isdir(run["folder"]):
+                    os.rmdir(run["folder"])  # "new" yet there: empty, made just before a kill
                 # A link, not a copy: the table counts the run under both names, honestly
                 # the same run, and a rerun of this script finds it finished.
                 os.makedirs(os.path.dirname(run["folder"]), exist_ok=True)
@@ -415,7 +434,7 @@ def run_all(args, runs):
         if stopped or status in STOPPED_STATUSES:
             print(
                 f"{name}: stopped (exit status {status}). Rerun the same command to continue "
-                "from its checkpoint.",
+                "(a train_glue.py run from its checkpoint, an HF run from the beginning).",
                 file=sys.stderr,
             )
             sys.exit(130)
@@ -453,7 +472,11 @@ def launch(run, command):
     process = subprocess.Popen(command, cwd=ROOT)
     status, interrupted = wait_for(process)
     seconds = time.perf_counter() - start
-    save_wall_time(run["folder"], seconds=seconds, finished=status == 0)
+    # An HF run saves no checkpoints and starts again from the beginning: only its last launch
+    # counts.
+    save_wall_time(
+        run["folder"], seconds=seconds, finished=status == 0, restart=run["config"] == "hf"
+    )
     return status, interrupted
 
 
@@ -472,13 +495,13 @@ def wait_for(process):
             print("\nstopping: waiting for the run to write its checkpoint", file=sys.stderr)
 
 
-def save_wall_time(folder, seconds, finished):
+def save_wall_time(folder, seconds, finished, restart=False):
     """wall.json: the wall time of every launch of this run that this script saw, summed.
     A resumed run adds its launches; a launch this script could not time (a kill -9 of the
     script itself) is missing from the sum."""
     path = os.path.join(folder, "wall.json")
     wall = read_json(path)
-    if wall is None:
+    if wall is None or restart:
         wall = {"seconds": 0.0, "launch_seconds": []}
     wall["launch_seconds"].append(seconds)
     wall["seconds"] = sum(wall["launch_seconds"])
@@ -495,12 +518,16 @@ def collect(out_dir):
     """{(task, config): [run, ...]} for every run folder with a results.json, seeds in order."""
     groups = {}
     for task in sorted_names(out_dir, first=recipes.TASKS):
+        if task not in recipes.TASKS:
+            continue  # not a run folder of this script
         task_dir = os.path.join(out_dir, task)
         for config in sorted_names(task_dir, first=["defaults", "recipe"]):
             config_dir = os.path.join(task_dir, config)
             runs = []
             for seed_name in os.listdir(config_dir):
                 if not seed_name.startswith("seed-"):
+                    continue
+                if not seed_name.removeprefix("seed-").isdigit():
                     continue
                 folder = os.path.join(config_dir, seed_name)
                 results = read_json(os.path.join(folder, "results.json"))
@@ -634,9 +661,11 @@ def summary_lines(groups):
         cells.append(main_score(hf) if hf else "not run")
         cells.append(mean_wall_minutes(defaults))
         cells.append(mean_wall_minutes(recipe) if recipe else "")
-        if recipe:
+        if recipes.RECIPES[task] == recipes.DEFAULTS:
+            cells.append("placeholder: not tuned yet")
+        elif recipe and defaults[0]["record"] and recipe[0]["record"]:
             changes = flag_changes(defaults[0]["record"]["flags"], recipe[0]["record"]["flags"])
-            cells.append(changes or "none: the defaults won")
+            cells.append(changes)
         else:
             cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
@@ -669,8 +698,12 @@ def write_results(out_dir, groups):
         "Dev score: the final model's (results.json `final`), mean ± population std over the "
         "seeds listed (one seed: its score alone). Wall: minutes per run measured around the "
         "subprocess, every launch of a resumed run added up. Train samples/s: train_glue.py's, "
-        "training time only (the last launch of a resumed run). Command: the first seed's, run "
-        "from the repository root (a resumed launch adds `--resume_from_checkpoint auto`).",
+        "training time only (the last launch of a resumed run; for HF runs, Trainer's "
+        "train_runtime less its evaluations). Command: the first seed's, run from the repository "
+        "root (a resumed launch adds `--resume_from_checkpoint auto`). HF runs: HF Trainer at (a) "
+        "with DataCollatorWithPadding, batches in random order (its default); ours group batches "
+        "by length (train_glue.py's default), which is faster and changes the batches, not the "
+        "examples seen.",
         "",
     ]
     note = placeholder_note()

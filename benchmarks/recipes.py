@@ -52,7 +52,6 @@ def candidate(learning_rate, epochs):
 SMALL_TASK_SEARCH = [
     candidate(learning_rate=5e-5, epochs=3),  # DEFAULTS
     candidate(learning_rate=1e-4, epochs=3),
-    candidate(learning_rate=2e-4, epochs=3),
 ]
 
 # SST-2 (67k examples) sees its data thrice in the defaults, 6.3k steps; one epoch is already
@@ -63,13 +62,25 @@ SST2_SEARCH = [
     candidate(learning_rate=1e-4, epochs=1),
 ]
 
+# WNLI (635 examples, under a minute a run): every learning rate at 1 and 3 epochs. Its dev set
+# is adversarial (the same sentences as train with the other label), so fitting the training set
+# scores below the majority class (56.3%) on dev; fewer steps may simply learn less.
+WNLI_SEARCH = [
+    candidate(learning_rate=5e-5, epochs=3),  # DEFAULTS
+    candidate(learning_rate=1e-4, epochs=3),
+    candidate(learning_rate=2e-4, epochs=3),
+    candidate(learning_rate=5e-5, epochs=1),
+    candidate(learning_rate=1e-4, epochs=1),
+    candidate(learning_rate=2e-4, epochs=1),
+]
+
 SEARCH = {
     "cola": SMALL_TASK_SEARCH,
     "sst2": SST2_SEARCH,
     "mrpc": SMALL_TASK_SEARCH,
     "stsb": SMALL_TASK_SEARCH,
     "rte": SMALL_TASK_SEARCH,
-    "wnli": SMALL_TASK_SEARCH,
+    "wnli": WNLI_SEARCH,
 }
 
 # -------------------------------------------------------------------------------------------------
@@ -86,7 +97,9 @@ RECIPES = {
     "mrpc": dict(DEFAULTS),  # PLACEHOLDER: choose from SEARCH["mrpc"]
     "stsb": dict(DEFAULTS),  # PLACEHOLDER: choose from SEARCH["stsb"]
     "rte": dict(DEFAULTS),  # PLACEHOLDER: choose from SEARCH["rte"]
-    "wnli": dict(DEFAULTS),  # PLACEHOLDER: choose from SEARCH["wnli"]
+    # 0.3944 against 0.3662 (seed 42), at a third of the wall time; every candidate scored below
+    # the majority class, as the comment on WNLI_SEARCH expects.
+    "wnli": candidate(learning_rate=5e-5, epochs=1),
 }
 
 # -------------------------------------------------------------------------------------------------

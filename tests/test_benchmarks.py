@@ -105,3 +105,23 @@ def test_the_summary_gives_each_configurations_mean_and_spread_and_what_the_reci
     assert cells[4] == "not run"  # no HF runs in this folder
     assert cells[5] == cells[6] == "2.0"  # minutes: (1 + 2 + 3) / 3
     assert cells[7] == "learning_rate: 5e-05 -> 0.0001"
+
+
+def test_a_link_made_stale_by_a_new_recipe_is_replaced_not_refused(tmp_path, monkeypatch):
+    monkeypatch.setitem(recipes.RECIPES, "mrpc", dict(recipes.DEFAULTS))  # still a placeholder
+    args = make_args(tmp_path, tasks=["mrpc"], configs=["defaults"])
+    defaults = [run for run in glue_results.plan_runs(args) if run["seed"] == 42]
+    write_finished_run(args, defaults[0], score=0.8, seconds=60)
+    args.configs = ["recipe"]
+    placeholder = [run for run in glue_results.plan_runs(args) if run["seed"] == 42]
+    glue_results.run_all(args, placeholder)
+    assert os.path.islink(placeholder[0]["folder"])
+
+    recipe = dict(recipes.DEFAULTS)
+    recipe["learning_rate"] = 1e-4
+    monkeypatch.setitem(recipes.RECIPES, "mrpc", recipe)
+    tuned = [run for run in glue_results.plan_runs(args) if run["seed"] == 42]
+    glue_results.check_folders(tuned)  # would exit if it refused the folder
+
+    assert not os.path.lexists(tuned[0]["folder"])
+    assert os.path.isfile(os.path.join(defaults[0]["folder"], "results.json"))  # untouched

@@ -6,8 +6,9 @@ from transformers import pipeline
 from conftest import GLUE, run_cli
 
 
-def test_readme_main_command_on_real_minilm_and_mrpc(tmp_path):
-    """The README's command (torchrun, 2 processes, bf16, default model) on a slice of real MRPC."""
+def test_readme_command_under_torchrun_on_real_minilm_and_mrpc(tmp_path):
+    """The README's command (bf16, default model) on a slice of real MRPC, launched the way the
+    README launches several GPUs (torchrun, 2 processes), so that DDP runs end to end too."""
     out = tmp_path / "mrpc"
     run_cli(
         [
