@@ -97,7 +97,8 @@ SEARCH = {
 RECIPES = {
     # Matthews correlation 0.2449 at 1e-4 against 0.2509: the defaults won, so (b) is (a).
     "cola": candidate(learning_rate=5e-5, epochs=3),
-    "sst2": dict(DEFAULTS),  # PLACEHOLDER: choose from SEARCH["sst2"]
+    # accuracy 0.8956 against 0.8945 (seed 42): level, at 8 minutes instead of 23.
+    "sst2": candidate(learning_rate=1e-4, epochs=1),
     # accuracy 0.8015 against 0.7868 (seed 42)
     "mrpc": candidate(learning_rate=1e-4, epochs=3),
     # Pearson 0.8542 against 0.8436 (seed 42)
