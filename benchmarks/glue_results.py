@@ -229,7 +229,8 @@ def build_hf_command(args, run):
 
 
 def check_hf_defaults():
-    """compare_hf.py's worker fixes these three; refuse to label its runs (a) if (a) changed."""
+    """compare_hf.py's worker has (a)'s batch, learning rate and weight decay written in and takes
+    the four flags in `passed`; refuse to label its runs (a) if DEFAULTS holds anything else."""
     fixed = {"per_device_train_batch_size": 32, "learning_rate": 5e-5, "weight_decay": 0.01}
     passed = {"num_train_epochs", "warmup_ratio", "bf16", "seed"}
     for name, value in recipes.DEFAULTS.items():
