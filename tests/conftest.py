@@ -86,6 +86,8 @@ def run_cli(args, torchrun=0, env=None, timeout=300, check=True):
 
 def train_in_process(model, output_dir, *extra, task="mrpc", data_dir=GLUE):
     """train_glue's whole run in this process (faster than a subprocess; errors raise as exceptions)."""
+    import threading
+
     import train_glue
 
     argv = [
@@ -103,7 +105,7 @@ def train_in_process(model, output_dir, *extra, task="mrpc", data_dir=GLUE):
         "1",
         *[str(a) for a in extra],
     ]
-    train_glue.run(train_glue.parse_args(argv))
+    train_glue.run(train_glue.parse_args(argv), threading.Event())
     return output_dir
 
 
@@ -116,7 +118,7 @@ def model_weights(path):
 def checkpoint_state(path):
     import torch
 
-    return torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    return torch.load(path, weights_only=True)
 
 
 def read_log(output_dir):

@@ -30,9 +30,9 @@ def test_readme_command_under_torchrun_on_real_minilm_and_mrpc(tmp_path):
         timeout=240,
     )
     results = json.loads((out / "results.json").read_text())
-    assert results["eval_samples"] == 408 and results["global_step"] == 3
+    assert results["step"] == 3
     assert 0.0 <= results["final"]["accuracy"] <= 1.0 and not math.isnan(results["final"]["f1"])
-    assert results["train_samples_per_second"] > 0 and results["train_tokens_per_second"] > 0
+    assert results["train_samples_per_second"] > 0
     classify = pipeline("text-classification", model=str(out / "best"))
     prediction = classify(
         {"text": "The cat sat on the mat.", "text_pair": "A cat was sitting on the mat."}
@@ -40,4 +40,4 @@ def test_readme_command_under_torchrun_on_real_minilm_and_mrpc(tmp_path):
     assert prediction["label"] in ("equivalent", "not_equivalent") and 0 <= prediction["score"] <= 1
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
-    assert all(math.isfinite(r["loss"]) and r["tokens_per_second"] > 0 for r in log if "loss" in r)
+    assert all(math.isfinite(r["loss"]) and r["samples_per_second"] > 0 for r in log if "loss" in r)

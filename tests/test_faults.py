@@ -1,7 +1,6 @@
 """Faults a long run on preemptible machines meets: kill -9, SIGTERM, a dying rank, broken checkpoints,
 NaNs, changed settings, disk errors. Each must end in the same weights as a clean run, or a clear error."""
 
-import json
 import os
 import random
 import re
@@ -178,8 +177,8 @@ def test_sigterm_and_ctrl_c_checkpoint_exit_and_resume_without_losing_a_step(
     process.wait(timeout=120)
     output = process.stderr_text()
     stopped_at = max(losses(out))
-    assert stopped_at < 48 and os.path.isdir(f"{out}/checkpoint-{stopped_at}")  # off the schedule
-    assert f"stopped after step {stopped_at}, checkpoint-{stopped_at} saved" in output
+    assert stopped_at < 48 and os.path.exists(f"{out}/checkpoint-{stopped_at}.pt")  # off schedule
+    assert f"stopped: {stopped_at} steps done" in output
     # (torchrun prints a traceback of its own SignalException; none may come from our code)
     assert 'train_glue.py", line' not in output and "KeyboardInterrupt" not in output
     if not world_size:
@@ -204,35 +203,23 @@ def test_a_stop_signal_reaching_one_rank_stops_every_rank_after_the_same_step(ti
     workers[1].send_signal(signal.SIGTERM)
     process.wait(timeout=120)
     stopped_at = max(losses(out))
-    assert stopped_at < 48 and os.path.isdir(f"{out}/checkpoint-{stopped_at}")
-    assert (
-        f"stopped after step {stopped_at}, checkpoint-{stopped_at} saved" in process.stderr_text()
-    )
+    assert stopped_at < 48 and os.path.exists(f"{out}/checkpoint-{stopped_at}.pt")
+    assert f"stopped: {stopped_at} steps done" in process.stderr_text()
 
 
-def test_a_second_ctrl_c_aborts_but_the_same_press_twice_does_not(monkeypatch):
+def test_a_second_ctrl_c_aborts_at_once_but_the_same_press_twice_does_not(tiny_model, tmp_path):
     """Under torchrun one Ctrl-C reaches a worker twice (terminal and torchrun) within
-    milliseconds; a second press comes later."""
-    import threading
-
-    import train_glue
-
-    stop_requested, received = threading.Event(), []
-    now = [100.0]
-    monkeypatch.setattr(time, "monotonic", lambda: now[0])
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        train_glue.handle_stop_signals(stop_requested, received)
-        os.kill(os.getpid(), signal.SIGINT)
-        now[0] += 0.01
-        os.kill(os.getpid(), signal.SIGINT)  # the same press, forwarded: not an abort
-        assert stop_requested.is_set() and len(received) == 2
-        now[0] += 2.0
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    milliseconds: that is one request to stop. A second press, later, aborts."""
+    out = str(tmp_path / "run")
+    process = start(train_args(tiny_model, out, "--num_train_epochs", 50, "--save_steps", 1000))
+    wait_for_step(out, 3, process)
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)  # the same press, forwarded
+    time.sleep(1.5)
+    process.send_signal(signal.SIGINT)  # a second press: may land while the checkpoint is written
+    assert process.wait(timeout=60) == 130
+    assert "Traceback" not in process.stderr_text()
+    assert "interrupted twice" in process.stderr_text() or "stopped:" in process.stderr_text()
 
 
 @pytest.mark.slow  # torch's restarted gloo group sometimes fails to connect here; 3 restarts ride it out (README)
@@ -272,42 +259,37 @@ def test_torchrun_restarts_after_a_rank_dies_and_resumes(tiny_model, tmp_path):
 
 
 def corrupt(path, how):
-    state = f"{path}/state.pt"
     if how == "truncated":
-        with open(state, "r+b") as f:
-            f.truncate(os.path.getsize(state) // 2)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
     elif how == "garbage":
-        with open(state, "wb") as f:
+        with open(path, "wb") as f:
             f.write(os.urandom(4096))
-    elif how == "missing file":
-        os.remove(state)
-    elif how == "no marker":
-        os.remove(f"{path}/COMPLETE")
+    elif how == "empty":
+        open(path, "wb").close()
+    elif how == "another file":
+        torch.save({"weights": torch.zeros(3)}, path)
 
 
-@pytest.mark.parametrize("how", ["truncated", "garbage", "missing file", "no marker"])
+@pytest.mark.parametrize("how", ["truncated", "garbage", "empty", "another file"])
 def test_a_broken_newest_checkpoint_is_skipped_for_the_newest_good_one(
     tiny_model, tmp_path, how, capsys
 ):
-    out = train_in_process(
-        tiny_model,
-        str(tmp_path / "run"),
-        *SHORT,
-        "--max_steps",
-        6,
-        "--save_steps",
-        2,
-        "--save_total_limit",
-        3,
+    out = train_in_process(tiny_model, str(tmp_path / "run"), *SHORT, "--max_steps", 6, "--save_steps", 2,
+                           "--save_total_limit", 3)  # fmt: skip
+    corrupt(f"{out}/checkpoint-6.pt", how)
+    train_in_process(tiny_model, out, *SHORT, "--max_steps", 6, "--save_steps", 2, "--save_total_limit", 3,
+                     "--resume_from_checkpoint", "auto")  # fmt: skip
+    console = capsys.readouterr().out
+    assert re.search(
+        r"warning: skipping .*checkpoint-6.pt is no checkpoint of this trainer", console
     )
-    corrupt(f"{out}/checkpoint-6", how)
-    path, state = trainer.find_checkpoint(out, "auto")
-    assert re.match(r"warning: skipping .*checkpoint-6", capsys.readouterr().err)
-    assert path.endswith("checkpoint-4") and state["progress"]["step"] == 4
-    for step in (2, 4):
-        corrupt(f"{out}/checkpoint-{step}", how)
+    assert "resuming from" in console and "checkpoint-4.pt (step 4)" in console
+    assert trainer.load_checkpoint(f"{out}/checkpoint-6.pt")["progress"]["step"] == 6  # replaced
+    for step in (2, 4, 6):
+        corrupt(f"{out}/checkpoint-{step}.pt", how)
     with pytest.raises(ValueError, match="no checkpoint in .* loads"):
-        trainer.find_checkpoint(out, "auto")
+        trainer.choose_checkpoint(out)
 
 
 class RunsCode:
@@ -317,17 +299,15 @@ class RunsCode:
 
 def test_a_checkpoint_holding_a_pickled_callable_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("PWNED", str(tmp_path / "pwned"))
-    bad = tmp_path / "checkpoint-1"
-    bad.mkdir()
-    torch.save({k: RunsCode() for k in trainer.CHECKPOINT_KEYS}, bad / "state.pt")
-    (bad / "COMPLETE").write_text("1\n")
-    with pytest.raises(ValueError, match="corrupt or unsafe"):
-        trainer.load_checkpoint(str(bad))
+    keys = ("model", "optimizer", "scaler", "progress", "flags", "rng")
+    torch.save({k: RunsCode() for k in keys}, tmp_path / "checkpoint-1.pt")
+    with pytest.raises(ValueError, match="is no checkpoint of this trainer"):
+        trainer.load_checkpoint(str(tmp_path / "checkpoint-1.pt"))
     assert not (tmp_path / "pwned").exists()
 
 
 def nan_after(monkeypatch, first_bad_call, bad_calls):
-    """Make the model's training forward return NaN logits on calls [first, first + count)."""
+    """Make the model's training forward return a NaN loss on calls [first, first + count)."""
     from transformers import BertForSequenceClassification
 
     forward, calls = BertForSequenceClassification.forward, [0]
@@ -337,7 +317,7 @@ def nan_after(monkeypatch, first_bad_call, bad_calls):
         if self.training:
             calls[0] += 1
             if first_bad_call <= calls[0] < first_bad_call + bad_calls:
-                out.logits = out.logits * float("nan")
+                out.loss = out.loss * float("nan")
         return out
 
     monkeypatch.setattr(BertForSequenceClassification, "forward", poisoned)
@@ -359,94 +339,23 @@ def test_persistent_nonfinite_loss_stops_with_the_last_checkpoint_intact(
 ):
     nan_after(monkeypatch, first_bad_call=5, bad_calls=10**6)
     out = str(tmp_path / "run")
-    with pytest.raises(ValueError, match="3 steps in a row had non-finite gradients"):
-        train_in_process(
-            tiny_model,
-            out,
-            *SHORT,
-            "--max_steps",
-            20,
-            "--save_steps",
-            2,
-            "--max_nonfinite_steps",
-            3,
-        )
-    path, state = trainer.find_checkpoint(out, "latest")
-    assert (
-        state["progress"]["step"] == 6
-    )  # steps 5-7 were bad; step 6's checkpoint holds step-4 weights
+    with pytest.raises(
+        ValueError, match="10 steps in a row up to step 14 had non-finite gradients"
+    ):
+        train_in_process(tiny_model, out, *SHORT, "--max_steps", 20, "--save_steps", 2)
+    path, state, _ = trainer.choose_checkpoint(out)
+    assert state["progress"]["step"] == 12  # steps 5-14 were bad; its weights are step 4's
     assert all(torch.isfinite(v).all() for v in state["model"].values())
-
-
-@pytest.mark.parametrize(
-    "change,message",
-    [
-        (
-            ["--per_device_train_batch_size", 8],
-            "global_batch_size: checkpoint has 4, this run has 8",
-        ),
-        (["--gradient_accumulation_steps", 2], "global_batch_size"),
-        (["--max_seq_length", 64], "max_seq_length"),
-    ],
-)
-def test_resume_with_changed_settings_is_refused_unless_overridden(
-    tiny_model, tmp_path, change, message
-):
-    out = train_in_process(tiny_model, str(tmp_path / "run"), *SHORT, "--max_steps", 2)
-    with pytest.raises(ValueError, match=message):
-        train_in_process(
-            tiny_model, out, *SHORT, "--max_steps", 4, "--resume_from_checkpoint", "latest", *change
-        )
-    train_in_process(
-        tiny_model,
-        out,
-        *SHORT,
-        "--max_steps",
-        4,
-        "--resume_from_checkpoint",
-        "latest",
-        *change,
-        "--ignore_checkpoint_mismatch",
-    )
-    assert os.path.isdir(f"{out}/checkpoint-4")
-
-
-def test_resume_with_another_model_or_task_is_refused(tiny_model, tiny_model_dropout, tmp_path):
-    out = train_in_process(tiny_model, str(tmp_path / "run"), *SHORT, "--max_steps", 2)
-    with pytest.raises(ValueError, match="model: checkpoint has"):
-        train_in_process(
-            tiny_model_dropout, out, *SHORT, "--max_steps", 4, "--resume_from_checkpoint", "latest"
-        )
-    with pytest.raises(ValueError, match="task: checkpoint has 'mrpc', this run has 'sst2'"):
-        train_in_process(
-            tiny_model,
-            out,
-            *SHORT,
-            "--max_steps",
-            4,
-            "--resume_from_checkpoint",
-            "latest",
-            task="sst2",
-        )
 
 
 def test_changed_world_size_with_the_same_global_batch_resumes_exactly(tiny_model, tmp_path):
     common = ["--max_steps", 12, "--save_steps", 5, "--save_total_limit", 5]
     straight = train_in_process(tiny_model, str(tmp_path / "straight"), *SHORT, *common)
-    out = str(tmp_path / "resized")
-    shutil.copytree(f"{straight}/checkpoint-5", f"{out}/checkpoint-5")
-    run_cli(
-        train_args(
-            tiny_model,
-            out,
-            *common,
-            "--per_device_train_batch_size",
-            2,
-            "--resume_from_checkpoint",
-            "latest",
-        ),
-        torchrun=2,
-    )
+    out = tmp_path / "resized"
+    out.mkdir()
+    shutil.copy(f"{straight}/checkpoint-5.pt", out)
+    run_cli(train_args(tiny_model, out, *common, "--per_device_train_batch_size", 2,
+                       "--resume_from_checkpoint", "auto"), torchrun=2)  # fmt: skip
     assert min(losses(out)) == 6 and max(losses(out)) == 12
     for step in range(6, 13):
         assert losses(out)[step] == pytest.approx(losses(straight)[step], rel=1e-4)
@@ -455,54 +364,12 @@ def test_changed_world_size_with_the_same_global_batch_resumes_exactly(tiny_mode
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
 
 
-def test_resuming_a_finished_run_evaluates_and_exits_cleanly(tiny_model, tmp_path):
-    out = str(tmp_path / "run")
-    train_in_process(
-        tiny_model,
-        out,
-        "--max_train_samples",
-        16,
-        "--per_device_train_batch_size",
-        8,
-        "--max_steps",
-        2,
-    )
-    train_in_process(
-        tiny_model,
-        out,
-        "--max_train_samples",
-        16,
-        "--per_device_train_batch_size",
-        8,
-        "--max_steps",
-        2,
-        "--resume_from_checkpoint",
-        "auto",
-    )
-    results = json.load(open(f"{out}/results.json"))
-    assert (
-        results["global_step"] == 2
-        and results["train_samples_per_second"] == 0.0
-        and results["final"]
-    )
-
-
-@pytest.mark.parametrize("how", ["a file in the way", "no write permission"])
-def test_an_unwritable_output_dir_is_a_clear_error(tiny_model, tmp_path, monkeypatch, how):
+def test_an_output_dir_that_cannot_be_created_is_a_clear_error(tiny_model, tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    out = str(tmp_path / "file" / "run") if how == "a file in the way" else str(tmp_path / "run")
-    if (
-        how == "no write permission"
-    ):  # root ignores chmod, so os.access is made to answer as for a read-only folder
-        os.makedirs(out)
-        access = os.access
-        monkeypatch.setattr(
-            os, "access", lambda path, mode, **kw: access(path, mode, **kw) and path != out
+    with pytest.raises(OSError, match="Not a directory"):
+        train_in_process(
+            tiny_model, str(tmp_path / "file" / "run"), "--max_train_samples", 8, "--max_steps", 1
         )
-    with pytest.raises(
-        ValueError, match=f"cannot write to --output_dir {out} .*choose another one"
-    ):
-        train_in_process(tiny_model, out, "--max_train_samples", 8, "--max_steps", 1)
 
 
 def test_a_failing_save_is_a_clear_error_and_the_previous_checkpoint_still_loads(
@@ -510,24 +377,19 @@ def test_a_failing_save_is_a_clear_error_and_the_previous_checkpoint_still_loads
 ):
     real_save, saves = torch.save, [0]
 
-    def disk_full_on_second_save(obj, path, *args, **kwargs):
+    def disk_full_on_second_save(obj, f, *args, **kwargs):
         saves[0] += 1
         if saves[0] == 2:
-            with open(path, "wb") as f:
-                f.write(b"PK\x03\x04 half a checkpoint")
+            f.write(b"PK\x03\x04 half a checkpoint")
             raise OSError(28, "No space left on device")
-        return real_save(obj, path, *args, **kwargs)
+        return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", disk_full_on_second_save)
     out = str(tmp_path / "run")
-    with pytest.raises(OSError, match="could not write .*checkpoint-4 .*No space left"):
+    with pytest.raises(OSError, match="could not write .*checkpoint-4.pt .*No space left"):
         train_in_process(tiny_model, out, *SHORT, "--max_steps", 6, "--save_steps", 2)
     monkeypatch.setattr(torch, "save", real_save)
-    assert not os.path.exists(f"{out}/checkpoint-4.tmp") and not os.path.exists(
-        f"{out}/checkpoint-4"
-    )
-    path, state = trainer.find_checkpoint(out, "latest")
-    assert path.endswith("checkpoint-2") and state["progress"]["step"] == 2
+    assert sorted(os.listdir(out)) == ["checkpoint-2.pt", "log.jsonl"]  # no .tmp left
     train_in_process(
         tiny_model,
         out,
@@ -537,6 +399,6 @@ def test_a_failing_save_is_a_clear_error_and_the_previous_checkpoint_still_loads
         "--save_steps",
         2,
         "--resume_from_checkpoint",
-        "latest",
+        "auto",
     )
-    assert os.path.isdir(f"{out}/checkpoint-6")
+    assert os.path.exists(f"{out}/checkpoint-6.pt")

@@ -45,11 +45,11 @@ def test_one_gpu_trains_and_resumes_to_the_same_run(tiny_model_dropout, tmp_path
     results = json.load(open(f"{straight}/results.json"))
     assert results["skipped_steps"] <= 2  # fp16 may skip a step or two while the scale settles
     assert losses(straight)[12] < losses(straight)[1]
-    resumed = str(tmp_path / "resumed")
-    shutil.copytree(f"{straight}/checkpoint-6", f"{resumed}/checkpoint-6")
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(f"{straight}/checkpoint-6.pt", resumed)
     run_cli(
-        gpu_args(tiny_model_dropout, resumed, *common, "--resume_from_checkpoint", "latest"),
-        env=env,
+        gpu_args(tiny_model_dropout, resumed, *common, "--resume_from_checkpoint", "auto"), env=env
     )
     for step in range(7, 13):  # the same data and dropout masks: equal up to kernel nondeterminism
         assert losses(resumed)[step] == pytest.approx(losses(straight)[step], rel=1e-3)
@@ -73,7 +73,7 @@ def test_two_gpus_match_one_gpu_at_the_same_global_batch(tiny_model, tmp_path):
     for step, loss in losses(one).items():
         assert losses(two)[step] == pytest.approx(loss, rel=1e-3)
     results = [json.load(open(f"{out}/results.json")) for out in (one, two)]
-    assert results[0]["eval_samples"] == results[1]["eval_samples"] == 64
+    assert results[0]["final"] == pytest.approx(results[1]["final"], abs=1 / 64)
 
 
 def test_two_gpus_stop_on_sigterm_and_resume(tiny_model, tmp_path):
@@ -88,6 +88,6 @@ def test_two_gpus_stop_on_sigterm_and_resume(tiny_model, tmp_path):
     process.send_signal(15)
     process.wait(timeout=120)
     stopped_at = max(losses(out))
-    assert os.path.isdir(f"{out}/checkpoint-{stopped_at}")
+    assert os.path.exists(f"{out}/checkpoint-{stopped_at}.pt")
     run_cli(args, torchrun=2, env={"CUDA_VISIBLE_DEVICES": "0,1"}, timeout=900)
-    assert json.load(open(f"{out}/results.json"))["global_step"] == 20 * 32
+    assert json.load(open(f"{out}/results.json"))["step"] == 20 * 32
