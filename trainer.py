@@ -301,9 +301,9 @@ def seed_everything(seed):
 
 
 def start_or_resume(model, optimizer, scaler, output_dir, flags, must_match):
-    """Load the newest checkpoint in output_dir (if any) into the freshly built objects, or start
-    afresh; writes nothing. flags: the run's settings, "seed" among them. Returns (progress,
-    notes): where the run stands, and what to tell the user."""
+    """Load the newest checkpoint in output_dir (None: start afresh) into the freshly built
+    objects, or start afresh when there is none; writes nothing. flags: the run's settings, "seed"
+    among them. Returns (progress, notes): where the run stands, and what to tell the user."""
     path, checkpoint, notes = choose_checkpoint(output_dir)
     if checkpoint is None:
         seed_everything(flags["seed"] + RANK)  # every rank its own dropout stream
@@ -312,10 +312,10 @@ def start_or_resume(model, optimizer, scaler, output_dir, flags, must_match):
     saved = checkpoint["flags"]
     changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in flags.items() if saved.get(k) != v]
     refused = [change for change in changed if change.split()[0] in must_match]
-    if refused:
+    if refused:  # the flags that changed say why
         raise ValueError(
-            f"cannot resume {path}: it is another run ({'; '.join(refused)}); restore those "
-            "settings, or start in a new output dir"
+            f"cannot resume {path}: it is another run ({'; '.join(refused)}; changed: "
+            f"{', '.join(change.split()[0] for change in changed)}): start in another output dir"
         )
     try:
         model.load_state_dict(checkpoint["model"])
@@ -342,39 +342,28 @@ def first_line(error):
 
 def list_checkpoints(output_dir):
     """(step, path) of each checkpoint-N.pt, newest first."""
-    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    names = os.listdir(output_dir) if output_dir and os.path.isdir(output_dir) else []
     steps = sorted(int(name[11:-3]) for name in names if re.fullmatch(r"checkpoint-\d+\.pt", name))
     return [(step, os.path.join(output_dir, f"checkpoint-{step}.pt")) for step in steps[::-1]]
-
-
-def load_checkpoint(path):
-    try:
-        # weights_only: a checkpoint is data, and unpickling arbitrary objects runs their code.
-        # mmap: tensors are read from the file as they are used, not all into RAM on every rank.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if not {"model", "optimizer", "scaler", "progress", "flags", "rng"} <= set(state):
-            raise KeyError("keys are missing")
-    except Exception as error:
-        raise ValueError(f"{path} is no checkpoint of this trainer ({first_line(error)})") from None
-    return state
 
 
 def choose_checkpoint(output_dir):
     """(path, state, warnings) of the newest checkpoint in output_dir that loads, skipping broken
     ones, or (None, None, []) when there is none: the same on every rank, or one error on all."""
-    path, state, error, skipped, checkpoints = None, None, None, [], list_checkpoints(output_dir)
-    try:
-        for _, path in checkpoints:
-            try:
-                state = load_checkpoint(path)
+    path, state, skipped, checkpoints = None, None, [], list_checkpoints(output_dir)
+    for _, path in checkpoints:
+        try:
+            # weights_only: a checkpoint is data, and unpickling arbitrary objects runs their code.
+            # mmap: tensors are read from the file as they are used, not all into RAM on every rank.
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if {"model", "optimizer", "scaler", "progress", "flags", "rng"} <= set(state):
                 break
-            except ValueError as broken:
-                skipped.append(f"warning: skipping {broken}")
-        if checkpoints and state is None:  # never restart a run whose checkpoints all broke
-            raise ValueError(f"no checkpoint in {output_dir} loads: fix or remove them")
-    except OSError as load_error:
-        error = load_error
-    check_all_ranks(error)
+            raise KeyError("keys are missing")
+        except Exception as error:
+            state = None
+            skipped.append(f"warning: skipping {path}, not a checkpoint ({first_line(error)})")
+    broken = checkpoints and state is None  # never restart a run whose checkpoints all broke
+    check_all_ranks(f"no checkpoint in {output_dir} loads: fix or remove them" if broken else None)
     paths = all_gather(path if state is not None else None)
     if len(set(paths)) > 1:  # a node that sees other files than rank 0
         raise ValueError(f"the ranks see different checkpoints {paths}: give every node the same")

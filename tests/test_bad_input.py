@@ -1,12 +1,15 @@
 """Bad input: one clear `error:` line on stderr, no traceback, exit code 1, the output dir
 untouched (and no output dir created where there was none)."""
 
+import fcntl
 import hashlib
 import os
 import re
 import shutil
 
 import pytest
+import torch
+import transformers
 
 import train_glue
 from conftest import GLUE, run_cli, train_in_process
@@ -77,21 +80,21 @@ CASES = {
     "empty output dir flag": (["--output_dir", ""], None, "--output_dir: must be a folder"),
     # data
     "missing data dir": (["--data_dir", "/nonexistent/glue"], None,
-                         "missing data file /nonexistent/glue/MRPC/train.tsv: point --data_dir"),
-    "data dir is a file": (["--data_dir", "A_FILE"], None, "Not a directory: .*a-file/MRPC/train.tsv"),
-    "missing split file": (["--task_name", "rte"], {"RTE": {"train.tsv": RTE_OK}}, "missing data file .*dev.tsv"),
+                         "cannot read /nonexistent/glue/MRPC/train.tsv \\(No such file or directory\\)"),
+    "data dir is a file": (["--data_dir", "A_FILE"], None, "cannot read .*a-file/MRPC/train.tsv \\(Not a directory\\)"),
+    "missing split file": (["--task_name", "rte"], {"RTE": {"train.tsv": RTE_OK}}, "cannot read .*dev.tsv \\(No such file"),
     "a row with a field too many": (["--task_name", "rte"],
                                     {"RTE": {"train.tsv": RTE_OK + "2\ta\tb\tentailment\tc\n", "dev.tsv": RTE_OK}},
                                     "train.tsv: .*Expected 4 fields in line 4, saw 5"),
     "a row with a field too few": (["--task_name", "rte"],
                                    {"RTE": {"train.tsv": RTE_OK + "2\tonly two\n", "dev.tsv": RTE_OK}},
-                                   "train.tsv: label '' is not one of"),
+                                   "train.tsv: label '' is not a class"),
     "label out of range": (["--task_name", "rte"],
                            {"RTE": {"train.tsv": RTE_HEADER + "0\ta\tb\tyes\n", "dev.tsv": RTE_OK}},
-                           "train.tsv: label 'yes' is not one of"),
+                           "train.tsv: label 'yes' is not a class"),
     "odd label character": (["--task_name", "wnli"],
                             {"WNLI": {"train.tsv": RTE_HEADER + "0\ta\tb\t\u00b2\n", "dev.tsv": RTE_OK}},
-                            "train.tsv: label '\u00b2' is not one of"),
+                            "train.tsv: label '\u00b2' is not a class"),
     "empty split": (["--task_name", "rte"], {"RTE": {"train.tsv": RTE_OK, "dev.tsv": RTE_HEADER}},
                     "dev.tsv has no data rows"),
     "non-numeric score": (["--task_name", "stsb"],
@@ -167,6 +170,127 @@ def test_bad_input_gives_one_clear_line_and_touches_nothing(
     assert re.search(message, errors[0]), errors[0]
     assert "Traceback" not in err
     assert snapshot(str(tmp_path)) == before
+
+
+CSV_OK = "text,label\nfine,good\nawful,bad\n"
+# Your own files: (flags, {file: text or bytes}, the error's pattern). OWN/ is their folder.
+OWN_CASES = {
+    "no validation file": (["--train_file", "OWN/train.csv"], {"train.csv": CSV_OK},
+                           "--train_file needs a --validation_file"),
+    "missing file": (["--train_file", "OWN/nope.csv", "--validation_file", "OWN/dev.csv"], {"dev.csv": CSV_OK},
+                     "cannot read .*nope.csv \\(No such file or directory\\)"),
+    "empty file": (["--train_file", "OWN/train.csv", "--validation_file", "OWN/dev.csv"],
+                   {"train.csv": "", "dev.csv": CSV_OK}, "train.csv has no data rows"),
+    "unsupported kind": (["--train_file", "OWN/train.xlsx", "--validation_file", "OWN/dev.csv"],
+                         {"train.xlsx": CSV_OK, "dev.csv": CSV_OK}, "give a .tsv, .csv, .json or .jsonl file"),
+    "no label column": (["--train_file", "OWN/train.csv", "--validation_file", "OWN/dev.csv"],
+                        {"train.csv": "text,score\na,1\n", "dev.csv": CSV_OK},
+                        r"needs a 'label' column and one of text \(it has \['text', 'score'\]\)"),
+    "no text column": (["--train_file", "OWN/train.csv", "--validation_file", "OWN/dev.csv"],
+                       {"train.csv": "id,label\n1,good\n", "dev.csv": CSV_OK}, "needs a 'label' column and one of text"),
+    "mixed label types": (["--train_file", "OWN/train.csv", "--validation_file", "OWN/dev.csv"],
+                          {"train.csv": "text,label\na,good\nb,2\n", "dev.csv": CSV_OK},
+                          "the labels mix numbers and words"),
+    "a validation label never seen in training": (["--train_file", "OWN/train.csv", "--validation_file", "OWN/dev.csv"],
+                                                  {"train.csv": CSV_OK, "dev.csv": "text,label\nso so,neutral\n"},
+                                                  "dev.csv: label 'neutral' is not a class"),
+    "a score that is no number": (["--train_file", "OWN/train.csv", "--validation_file", "OWN/dev.csv"],
+                                  {"train.csv": "text,label\na,0.5\nb,1.5\n", "dev.csv": "text,label\nc,high\n"},
+                                  "dev.csv: a score is not a number"),
+    "malformed row": (["--train_file", "OWN/train.csv", "--validation_file", "OWN/dev.csv"],
+                      {"train.csv": CSV_OK + "so,so,so\n", "dev.csv": CSV_OK}, "Expected 2 fields in line 4, saw 3"),
+    "malformed JSON": (["--train_file", "OWN/train.jsonl", "--validation_file", "OWN/dev.csv"],
+                       {"train.jsonl": '{"text": "a", "label": "good"}\n{"text": ', "dev.csv": CSV_OK}, "train.jsonl: "),
+    "not UTF-8": (["--train_file", "OWN/train.csv", "--validation_file", "OWN/dev.csv"],
+                  {"train.csv": "text,label\ncaf\xe9,good\n".encode("latin-1"), "dev.csv": CSV_OK},
+                  "train.csv is not UTF-8 text"),
+    "task and files together": (["--task_name", "mrpc", "--train_file", "OWN/train.csv"], {},
+                                "--train_file: not allowed with argument --task_name"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", OWN_CASES)
+def test_bad_own_files_give_one_clear_line_and_write_nothing(case, tiny_model, tmp_path, capsys):
+    extra, files, message = OWN_CASES[case]
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    before = snapshot(str(tmp_path))
+    argv = ["--model_name_or_path", tiny_model, "--output_dir", tmp_path / "out",
+            *[str(flag).replace("OWN", str(tmp_path)) for flag in extra]]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        train_glue.main([str(a) for a in argv])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_.value.code == 1 and len(errors) == 1 and re.search(message, errors[0]), errors
+    assert snapshot(str(tmp_path)) == before
+
+
+def run_glue(model, out, *extra):
+    argv = ["--task_name", "mrpc", "--data_dir", GLUE, "--model_name_or_path", model, "--output_dir", out,
+            "--max_train_samples", 16, "--max_steps", 1, *extra]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        train_glue.main([str(a) for a in argv])
+    return exit_.value.code
+
+
+def test_bf16_on_a_cpu_that_only_emulates_it_is_refused(tiny_model, tmp_path, monkeypatch, capsys):
+    """An AVX2-only CPU runs bf16 matmuls about 400 times slower than fp32."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert run_glue(tiny_model, tmp_path / "out", "--bf16") == 1
+    assert "error: --bf16: this CPU only emulates bf16: leave --bf16 out" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_folder_without_its_tokenizer_is_refused(tiny_model, tmp_path, capsys):
+    """transformers builds a tokenizer of a few tokens there: most words would become [UNK]."""
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_model, name), folder)
+    assert run_glue(str(folder), tmp_path / "out") == 1
+    assert re.search(
+        r"error: .*weights-only: its tokenizer has \d+ tokens, far fewer than",
+        capsys.readouterr().err,
+    )
+
+
+def test_max_seq_length_is_checked_against_what_the_model_can_embed(tiny_model, tmp_path, capsys):
+    """RoBERTa's position table has 514 rows, the first two before position 0: 512 usable."""
+    folder = str(tmp_path / "roberta")
+    config = transformers.RobertaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=514, pad_token_id=1)  # fmt: skip
+    transformers.RobertaForSequenceClassification(config).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    assert run_glue(folder, tmp_path / "out", "--max_seq_length", 514) == 1
+    assert "error: --max_seq_length must be in [5, 512] for this model" in capsys.readouterr().err
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused(tiny_model, previous_run, tmp_path, capsys):
+    """A scheduler that requeues a job still running must not get two writers of one folder."""
+    out = tmp_path / "out"
+    shutil.copytree(previous_run, out)
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        before = snapshot(str(out))
+        assert (
+            run_glue(
+                tiny_model,
+                out,
+                *PREVIOUS[:-2],
+                "--max_steps",
+                3,
+                "--resume_from_checkpoint",
+                "auto",
+            )
+            == 1
+        )
+    assert (
+        f"error: --output_dir {out} is in use by another run (process 4242)"
+        in capsys.readouterr().err
+    )
+    assert snapshot(str(out)) == before
 
 
 def test_a_real_process_exits_1_without_traceback_and_debug_shows_it(tiny_model, tmp_path):

@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -25,37 +26,38 @@ def tokenizer():
 
 @pytest.mark.parametrize("task_name,split,rows", FULL + SAMPLE)
 def test_every_format_reads_and_tokenizes_with_its_row_count(tokenizer, task_name, split, rows):
-    folder = GLUE if (task_name, split, rows) in FULL else SAMPLES
-    table, path = data.read_split(task_name, split, folder)
-    tokens = data.tokenize(table, path, tokenizer, task_name, 128)
+    task = data.glue_task(task_name, GLUE if (task_name, split, rows) in FULL else SAMPLES)
+    table = data.read_split(task, split)
+    tokens = data.tokenize(table, task, split, tokenizer, 128)
     assert len(table) == len(tokens) == rows
     assert all(1 < n <= 128 for n in data.lengths(tokens))
-    classes = data.TASKS[task_name][2].split()
     if split == "test":
         assert "label" not in tokens.column_names and "index" in tokens.column_names
-    elif classes:
-        assert set(tokens["label"]) == set(range(len(classes)))
+    elif task["classes"]:
+        assert set(tokens["label"]) == set(range(len(task["classes"])))
     else:
         labels = tokens["label"]
         assert all(0.0 <= s <= 5.0 for s in labels) and len(set(labels)) > 1
 
 
 def test_quirks_bom_quotes_string_labels_and_a_missing_header():
-    mrpc, _ = data.read_split("mrpc", "train", GLUE)
+    mrpc = data.read_split(data.glue_task("mrpc", GLUE), "train")
     assert mrpc.column_names[0] == "Quality"  # the byte-order mark is not part of the name
     assert any('"' in s for s in mrpc["#1 String"])  # quotes kept verbatim, rows not merged
-    rte, _ = data.read_split("rte", "train", SAMPLES)
+    rte = data.read_split(data.glue_task("rte", SAMPLES), "train")
     with open(os.path.join(SAMPLES, "RTE", "train.tsv")) as f:
         assert rte["label"][0] == f.readlines()[1].rstrip("\n").split("\t")[3]
-    cola, _ = data.read_split("cola", "train", SAMPLES)  # no header: the first line is data
-    first = "Our friends won't buy this analysis, let alone the next one we propose."
-    assert cola["sentence"][0] == first
+    cola = data.read_split(data.glue_task("cola", SAMPLES), "train")  # the first line is data
+    assert (
+        cola["sentence"][0]
+        == "Our friends won't buy this analysis, let alone the next one we propose."
+    )
 
 
-def write(tmp_path, folder, name, text):
-    os.makedirs(tmp_path / folder, exist_ok=True)
-    (tmp_path / folder / name).write_text(text)
-    return str(tmp_path)
+def write(folder, name, text):
+    os.makedirs(folder, exist_ok=True)
+    (folder / name).write_text(text)
+    return str(folder / name)
 
 
 RTE_HEADER = "index\tsentence1\tsentence2\tlabel\n"
@@ -65,25 +67,34 @@ RTE_HEADER = "index\tsentence1\tsentence2\tlabel\n"
     "text,message",
     [
         (RTE_HEADER + "0\ta\tb\tentailment\n1\ta\tb\tc\td\n", "Expected 4 fields in line 3, saw 5"),
-        (RTE_HEADER + "0\ta\tb\tmaybe\n", "label 'maybe' is not one of"),
+        (RTE_HEADER + "0\ta\tb\tmaybe\n", "label 'maybe' is not a class"),
         (RTE_HEADER, "no data rows"),
         ("index\tsentence1\tlabel\n0\ta\tentailment\n", "has no column 'sentence2'"),
     ],
 )
 def test_bad_rows_are_named_with_their_file(tmp_path, tokenizer, text, message):
-    data_dir = write(tmp_path, "RTE", "train.tsv", text)
+    write(tmp_path / "RTE", "train.tsv", text)
+    task = data.glue_task("rte", str(tmp_path))
     with pytest.raises(ValueError, match=message) as error:
-        table, path = data.read_split("rte", "train", data_dir)
-        data.tokenize(table, path, tokenizer, "rte", 128)
+        data.tokenize(data.read_split(task, "train"), task, "train", tokenizer, 128)
     assert "train.tsv" in str(error.value)
 
 
 def test_a_field_longer_than_csvs_default_limit_is_read(tmp_path):
     long_sentence = "word " * 40_000  # 200 KB, past Python csv's 128 KiB default
-    data_dir = write(
-        tmp_path, "RTE", "train.tsv", RTE_HEADER + f"0\t{long_sentence}\tb\tentailment\n"
-    )
-    assert data.read_split("rte", "train", data_dir)[0]["sentence1"] == [long_sentence]
+    write(tmp_path / "RTE", "train.tsv", RTE_HEADER + f"0\t{long_sentence}\tb\tentailment\n")
+    assert data.read_split(data.glue_task("rte", str(tmp_path)), "train")["sentence1"] == [
+        long_sentence
+    ]
+
+
+def test_a_changed_file_is_read_afresh_even_with_its_old_size_and_time(tmp_path):
+    path = write(tmp_path, "train.tsv", RTE_HEADER + "0\ta\tb\tentailment\n")
+    assert data.read_table(path)["label"] == ["entailment"]
+    times = os.stat(path)
+    (tmp_path / "train.tsv").write_text(RTE_HEADER + "0\ta\tb\tneutralment\n")  # the same size
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert data.read_table(path)["label"] == ["neutralment"]
 
 
 def test_collate_pads_to_the_longest_in_the_batch_not_to_max_length():
@@ -100,13 +111,71 @@ def test_collate_pads_to_the_longest_in_the_batch_not_to_max_length():
 
 
 def test_the_fingerprint_changes_with_a_token_or_a_label_and_nothing_else(tmp_path, tokenizer):
-    def fingerprint(text):
-        table, path = data.read_split(
-            "rte", "train", write(tmp_path / text[-12:-1], "RTE", "train.tsv", text)
+    def fingerprint(name, text):
+        write(tmp_path / name / "RTE", "train.tsv", RTE_HEADER + text)
+        task = data.glue_task("rte", str(tmp_path / name))
+        return data.fingerprint(
+            data.tokenize(data.read_split(task, "train"), task, "train", tokenizer, 128)
         )
-        return data.fingerprint(data.tokenize(table, path, tokenizer, "rte", 128))
 
-    base = fingerprint(RTE_HEADER + "0\ta cat\tb\tentailment\n")
-    assert fingerprint(RTE_HEADER + "7\ta cat\tb\tentailment\n") == base  # the index is no data
-    assert fingerprint(RTE_HEADER + "0\ta dog\tb\tentailment\n") != base
-    assert fingerprint(RTE_HEADER + "0\ta cat\tb\tnot_entailment\n") != base
+    base = fingerprint("base", "0\ta cat\tb\tentailment\n")
+    assert fingerprint("index", "7\ta cat\tb\tentailment\n") == base  # the index is no data
+    assert fingerprint("token", "0\ta dog\tb\tentailment\n") != base
+    assert fingerprint("label", "0\ta cat\tb\tnot_entailment\n") != base
+
+
+def own(tmp_path, name, rows, kind):
+    """A file of `rows` (dicts) in the format its extension names."""
+    columns = list(rows[0])
+    if kind == "jsonl":
+        text = "".join(json.dumps(row) + "\n" for row in rows)
+    elif kind == "json":
+        text = json.dumps(rows)
+    else:
+        sep = "\t" if kind == "tsv" else ","
+        text = (
+            sep.join(columns)
+            + "\n"
+            + "".join(sep.join(str(row[c]) for c in columns) + "\n" for row in rows)
+        )
+    return write(tmp_path, f"{name}.{kind}", text)
+
+
+@pytest.mark.parametrize("kind", ["csv", "tsv", "json", "jsonl"])
+def test_own_files_find_their_texts_and_kind_of_label(tmp_path, tokenizer, kind):
+    classes = [{"id": i, "review": f"text {i}", "label": ["bad", "good"][i % 2]} for i in range(6)]
+    task = data.own_task(own(tmp_path, "a", classes, kind), own(tmp_path, "b", classes, kind), None)
+    assert task["texts"] == ["review"] and task["classes"] == ["bad", "good"]
+    assert task["metrics"] == ["accuracy", "f1_macro"]
+    integers = [{"sentence1": "a", "sentence2": "b", "label": i % 3} for i in range(6)]
+    task = data.own_task(
+        own(tmp_path, "c", integers, kind), own(tmp_path, "d", integers, kind), None
+    )
+    assert task["texts"] == ["sentence1", "sentence2"] and task["classes"] == ["0", "1", "2"]
+    scores = [{"text": "a", "label": i / 4} for i in range(6)]
+    task = data.own_task(own(tmp_path, "e", scores, kind), own(tmp_path, "f", scores, kind), None)
+    assert task["classes"] == [] and task["metrics"] == ["pearson", "spearmanr"]
+    tokens = data.tokenize(data.read_split(task, "dev"), task, "dev", tokenizer, 32)
+    assert tokens["label"] == [i / 4 for i in range(6)]
+
+
+@pytest.mark.parametrize(
+    "rows,message",
+    [
+        ([{"text": "a", "score": 1}], "needs a 'label' column and one of text .*'score'"),
+        ([{"label": 1, "number": 2}], "needs a 'label' column and one of text"),
+        (
+            [{"text": "a", "label": "good"}, {"text": "b", "label": 3}],
+            "the labels mix numbers and words",
+        ),
+    ],
+)
+def test_own_files_without_what_a_run_needs_are_refused(tmp_path, rows, message):
+    path = own(tmp_path, "train", rows, "csv")
+    with pytest.raises(ValueError, match=message):
+        data.own_task(path, path, None)
+
+
+def test_an_unsupported_file_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="give a .tsv, .csv, .json or .jsonl file"):
+        data.read_table(write(tmp_path, "train.xlsx", "label\n1\n"))

@@ -281,11 +281,9 @@ def test_a_broken_newest_checkpoint_is_skipped_for_the_newest_good_one(
     train_in_process(tiny_model, out, *SHORT, "--max_steps", 6, "--save_steps", 2, "--save_total_limit", 3,
                      "--resume_from_checkpoint", "auto")  # fmt: skip
     console = capsys.readouterr().out
-    assert re.search(
-        r"warning: skipping .*checkpoint-6.pt is no checkpoint of this trainer", console
-    )
+    assert re.search(r"warning: skipping .*checkpoint-6.pt, not a checkpoint", console)
     assert "resuming from" in console and "checkpoint-4.pt (step 4)" in console
-    assert trainer.load_checkpoint(f"{out}/checkpoint-6.pt")["progress"]["step"] == 6  # replaced
+    assert trainer.choose_checkpoint(out)[1]["progress"]["step"] == 6  # replaced
     for step in (2, 4, 6):
         corrupt(f"{out}/checkpoint-{step}.pt", how)
     with pytest.raises(ValueError, match="no checkpoint in .* loads"):
@@ -301,8 +299,8 @@ def test_a_checkpoint_holding_a_pickled_callable_is_refused(tmp_path, monkeypatc
     monkeypatch.setenv("PWNED", str(tmp_path / "pwned"))
     keys = ("model", "optimizer", "scaler", "progress", "flags", "rng")
     torch.save({k: RunsCode() for k in keys}, tmp_path / "checkpoint-1.pt")
-    with pytest.raises(ValueError, match="is no checkpoint of this trainer"):
-        trainer.load_checkpoint(str(tmp_path / "checkpoint-1.pt"))
+    with pytest.raises(ValueError, match="no checkpoint in .* loads"):
+        trainer.choose_checkpoint(str(tmp_path))
     assert not (tmp_path / "pwned").exists()
 
 
@@ -366,10 +364,9 @@ def test_changed_world_size_with_the_same_global_batch_resumes_exactly(tiny_mode
 
 def test_an_output_dir_that_cannot_be_created_is_a_clear_error(tiny_model, tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(OSError, match="Not a directory"):
-        train_in_process(
-            tiny_model, str(tmp_path / "file" / "run"), "--max_train_samples", 8, "--max_steps", 1
-        )
+    out = str(tmp_path / "file" / "run")
+    with pytest.raises(ValueError, match=f"cannot write --output_dir {out} \\(Not a directory\\)"):
+        train_in_process(tiny_model, out, "--max_train_samples", 8, "--max_steps", 1)
 
 
 def test_a_failing_save_is_a_clear_error_and_the_previous_checkpoint_still_loads(
@@ -389,7 +386,7 @@ def test_a_failing_save_is_a_clear_error_and_the_previous_checkpoint_still_loads
     with pytest.raises(OSError, match="could not write .*checkpoint-4.pt .*No space left"):
         train_in_process(tiny_model, out, *SHORT, "--max_steps", 6, "--save_steps", 2)
     monkeypatch.setattr(torch, "save", real_save)
-    assert sorted(os.listdir(out)) == ["checkpoint-2.pt", "log.jsonl"]  # no .tmp left
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-2.pt", "log.jsonl"]  # no .tmp left
     train_in_process(
         tiny_model,
         out,

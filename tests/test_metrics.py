@@ -44,9 +44,16 @@ def test_correlations_match_scipy(x, y):
     assert metrics.spearmanr(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
 
 
-def test_average_ranks_match_scipy_on_ties():
+def test_spearman_ranks_ties_as_scipy_does():
     x = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5])
-    np.testing.assert_array_equal(metrics.average_ranks(x), stats.rankdata(x, method="average"))
+    y = np.array([2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4])
+    assert metrics.spearmanr(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+
+
+@pytest.mark.parametrize("preds,labels", CLASS_CASES)
+def test_macro_f1_matches_sklearn(preds, labels):
+    expected = sk.f1_score(labels, preds, average="macro", zero_division=0.0)
+    assert metrics.f1_macro(preds, labels) == pytest.approx(expected)
 
 
 def test_constant_input_gives_nan_correlation():

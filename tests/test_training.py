@@ -22,9 +22,10 @@ from conftest import (
 
 
 def batch_loss(model_dir, rows=32):
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    table, path = data.read_split("mrpc", "train", GLUE)
-    tokens = data.tokenize(table.select(range(rows)), path, tokenizer, "mrpc", 128)
+    tokenizer, task = AutoTokenizer.from_pretrained(model_dir), data.glue_task("mrpc", GLUE)
+    tokens = data.tokenize(
+        data.read_split(task, "train").select(range(rows)), task, "train", tokenizer, 128
+    )
     batch = data.collate(tokens[:], tokenizer.pad_token_id)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     with torch.no_grad():
@@ -100,19 +101,14 @@ def test_the_log_shows_the_learning_rate_of_each_step_as_scheduled(tiny_model, t
 def test_best_holds_the_best_evaluation_and_rotation_keeps_the_newest(
     tiny_model, tmp_path, monkeypatch
 ):
-    accuracies, real = iter([0.5, 0.9, 0.7, 0.8, 0.6, 0.85]), train_glue.evaluate
-
-    def scripted(args, tokenizer, splits, autocast, model, step):  # the n-th evaluation's score
-        monkeypatch.setattr(train_glue.metrics, "accuracy", lambda *_: next(accuracies))
-        return real(args, tokenizer, splits, autocast, model, step)
-
-    monkeypatch.setattr(train_glue, "evaluate", scripted)
+    accuracies = iter([0.5, 0.9, 0.7, 0.8, 0.6, 0.85])  # the n-th evaluation's score
+    monkeypatch.setattr(train_glue.metrics, "accuracy", lambda *_: next(accuracies))
     out = train_in_process(tiny_model, str(tmp_path / "run"), "--max_train_samples", 48,
                            "--per_device_train_batch_size", 8, "--eval_steps", 1, "--save_steps", 1,
                            "--save_total_limit", 1, "--learning_rate", 1e-2, "--num_train_epochs", 1)  # fmt: skip
     assert json.load(open(f"{out}/best/eval.json"))["step"] == 2
     assert json.load(open(f"{out}/results.json"))["final"]["accuracy"] == 0.85
-    assert sorted(p.name for p in tmp_path.glob("run/*")) == ["best", "checkpoint-6.pt", "final",
+    assert sorted(p.name for p in tmp_path.glob("run/*")) == [".lock", "best", "checkpoint-6.pt", "final",
                                                               "log.jsonl", "results.json"]  # fmt: skip
     best, final = model_weights(f"{out}/best"), model_weights(f"{out}/final")
     assert any(not torch.equal(best[k], final[k]) for k in best)
