@@ -10,7 +10,6 @@ import re
 
 import datasets
 import pyarrow.compute as pc
-import torch
 
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our own errors say what went wrong
@@ -32,11 +31,12 @@ GLUE = {
 LABELS = {"mrpc": "Quality", "stsb": "score", "qqp": "is_duplicate", "mnli": "gold_label"}
 
 
-def glue_task(name, data_dir):
+def glue_task(name, data_dir, with_test=False):
     folder, texts, classes, metrics = GLUE[name]
-    splits = ["train", "dev", "test"]
+    splits = ["train", "dev"] + ["test"] * with_test
     if name == "mnli":  # a matched and a mismatched set, for dev and for test
-        splits = ["train", "dev_matched", "dev_mismatched", "test_matched", "test_mismatched"]
+        splits = ["train", "dev_matched", "dev_mismatched"]
+        splits += ["test_matched", "test_mismatched"] * with_test
     label = LABELS.get(name, "label")
     return {
         "files": {split: os.path.join(data_dir, folder, f"{split}.tsv") for split in splits},
@@ -109,7 +109,6 @@ def read_table(path, columns=None):
         names = columns or next(csv.reader(lines[:1], **dialect))
         options |= dialect | {"header": None if columns else 0, "names": names}
         options |= {"features": strings(names), "keep_default_na": False, "encoding": "utf-8-sig"}
-        options |= {"keep_default_na": False, "encoding": "utf-8-sig"}
     try:
         builder = "json" if kind.startswith(".json") else "csv"
         table = datasets.load_dataset(builder, data_files=path, split="train", **options)
@@ -124,27 +123,25 @@ def strings(names):
 
 def tokenize(table, task, split, tokenizer, max_seq_length):
     """Tokenize a split in one batched `map`, whose result `datasets` caches on disk (keyed by
-    the table, the tokenizer and max_seq_length). Labels become class numbers (a file may write a
-    class by its number too) or float scores; no padding yet (see collate)."""
-    classes, label = task["classes"], task["label"]
+    the table, the tokenizer and max_seq_length). Labels become `labels`, as the models' forward
+    names them: class numbers (a file may also write a class by its number) or float scores."""
+    classes, label, path = task["classes"], task["label"], task["files"][split]
     ids = {name: i for i, name in enumerate(classes)} | {str(i): i for i in range(len(classes))}
 
     def encode(rows):
         texts = [rows[column] for column in task["texts"]]
         encoded = tokenizer(*texts, truncation=True, max_length=max_seq_length)
         if label in rows and not split.startswith("test"):
-            encoded["label"] = [ids[value] if classes else float(value) for value in rows[label]]
+            encoded["labels"] = [ids[value] if classes else float(value) for value in rows[label]]
         return encoded
 
     try:  # a test split keeps its ids, for the predictions file
         removed = [column for column in table.column_names if column != "index"]
         return table.map(encode, batched=True, remove_columns=removed)
     except KeyError as error:
-        raise ValueError(
-            f"{task['files'][split]}: label {error} is not a class ({classes})"
-        ) from None
+        raise ValueError(f"{path}: label {error} is not a class ({classes})") from None
     except ValueError as error:
-        raise ValueError(f"{task['files'][split]}: a score is not a number ({error})") from None
+        raise ValueError(f"{path}: a score is not a number ({error})") from None
 
 
 def lengths(table):
@@ -155,24 +152,14 @@ def fingerprint(table):
     """A digest of the tokenized examples: the ranks, and a resumed run, check with it that they
     train on the same data."""
     arrow, digest = table.with_format("arrow")[:], hashlib.sha256(lengths(table).tobytes())
-    for column in (pc.list_flatten(arrow["input_ids"]), arrow["label"]):
+    for column in (pc.list_flatten(arrow["input_ids"]), arrow["labels"]):
         for chunk in column.chunks:
             digest.update(chunk.to_numpy(zero_copy_only=False).tobytes())
     return f"{len(table)} examples, sha256 {digest.hexdigest()[:16]}"
 
 
-def collate(rows, pad_token_id):
+def collate(rows, tokenizer):
     """Pad a batch (rows as table[indices] gives them) to its own longest member, rounded up to a
     multiple of 8 for GPU tensor cores, not to max_seq_length: most of the compute saved on GLUE."""
-    lengths = [len(ids) for ids in rows["input_ids"]]
-    width = -(-max(lengths) // 8) * 8
-    batch = {}
-    for key, pad in (("input_ids", pad_token_id), ("token_type_ids", 0)):
-        if key in rows:
-            batch[key] = torch.full((len(lengths), width), pad, dtype=torch.long)
-            for row, values in enumerate(rows[key]):
-                batch[key][row, : len(values)] = torch.tensor(values)
-    batch["attention_mask"] = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
-    if "label" in rows:
-        batch["labels"] = torch.tensor(rows["label"])
-    return batch
+    rows = {key: values for key, values in rows.items() if key != "index"}
+    return dict(tokenizer.pad(rows, pad_to_multiple_of=8, return_tensors="pt"))

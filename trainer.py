@@ -14,7 +14,6 @@ import functools
 import json
 import math
 import os
-import random
 import re
 import time
 
@@ -22,9 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-# =================================================================================================
-# 1. Processes and devices
-# =================================================================================================
+# === 1. Processes and devices ====================================================================
 
 # torchrun starts a process per GPU (or CPU slot) and tells each who it is; `python` is 0 of 1.
 RANK = int(os.environ.get("RANK", 0))
@@ -62,16 +59,11 @@ def check_all_ranks(error):
 
 
 def to_device(batch, device):
-    """Copy a batch of CPU tensors to the GPU. From pinned (page-locked) memory the copy runs
-    asynchronously (non_blocking): the host goes on queueing work meanwhile."""
-    if device.type != "cuda":
-        return batch
-    return {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}
+    """A batch of CPU tensors on the device (the same tensors on the CPU)."""
+    return {key: value.to(device) for key, value in batch.items()}
 
 
-# =================================================================================================
-# 2. One training step
-# =================================================================================================
+# === 2. One training step ========================================================================
 
 
 def build_optimizer(model, learning_rate, weight_decay):
@@ -121,8 +113,7 @@ def train_step(
             # a large factor first (without fp16 it is disabled and does nothing).
             scaler.scale(loss * loss_weight).backward()
         losses.append(loss.detach())
-    # The gradients still carry the fp16 loss scale: divide it out first, so that clipping
-    # compares the true norm with `clip`.
+    # Divide the fp16 loss scale out of the gradients first: clipping compares the true norm.
     scaler.unscale_(optimizer)
     total_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     # The step's one host sync: whether to apply the update is decided on the host. A NaN/inf
@@ -139,9 +130,7 @@ def train_step(
     return torch.stack(losses).sum(), grad_norm, update_applied
 
 
-# =================================================================================================
-# 3. The epoch plan
-# =================================================================================================
+# === 3. The epoch plan ===========================================================================
 
 
 def epoch_plan(num_examples, epoch, *, batch_size, accumulation, seed, lengths):
@@ -173,9 +162,7 @@ def epoch_plan(num_examples, epoch, *, batch_size, accumulation, seed, lengths):
     return plan
 
 
-# =================================================================================================
-# 4. The loop
-# =================================================================================================
+# === 4. The loop =================================================================================
 
 
 def train(
@@ -197,7 +184,6 @@ def train(
     logging_steps,
     eval_steps,
     save_steps,
-    keep_checkpoints,
     stop_requested,
 ):
     """Train from `progress` to total_steps. plan(epoch) gives this rank's steps (epoch_plan),
@@ -231,18 +217,17 @@ def train(
         stopped = any(all_gather(stop_requested.is_set()))  # all stop after the same step
         save = stopped or step == total_steps or step % save_steps == 0
         if save or step % logging_steps == 0:  # a save closes the log window
-            window = log(output_dir, window, progress, optimizer, steps_per_epoch, grad_norm)
+            window = log(output_dir, window, progress, optimizer, grad_norm)
         if step == total_steps or step % eval_steps == 0:
             last_eval = evaluate(model, step)  # the plain model: DDP's hooks are for training
         if save:
-            save_checkpoint(output_dir, model, optimizer, scaler, progress, flags, keep_checkpoints)
+            save_checkpoint(output_dir, model, optimizer, scaler, progress, flags)
     speed = progress["examples"] / progress["seconds"] if progress["seconds"] else 0.0
     return dict(progress, stopped=stopped, final=last_eval, train_samples_per_second=speed)
 
 
 def count_step(progress, update_applied, examples, seconds):
-    """Move the run on by a step, and return it. Ten in a row with non-finite (all-reduced)
-    gradients stop the run."""
+    """Count a step, and return it. Ten in a row with non-finite gradients stop the run."""
     progress["step"] += 1
     progress["examples"] += examples
     progress["seconds"] += seconds
@@ -256,9 +241,8 @@ def count_step(progress, update_applied, examples, seconds):
     return progress["step"]
 
 
-def log(output_dir, window, progress, optimizer, steps_per_epoch, grad_norm):
-    """One record for the steps since the last, their loss summed over the ranks; rank 0 writes
-    it. Returns the next window's loss sum: zero."""
+def log(output_dir, window, progress, optimizer, grad_norm):
+    """Rank 0 logs the steps since the last record; returns the next window's loss sum: zero."""
     if WORLD_SIZE > 1:
         dist.all_reduce(window)
     logged_examples, logged_seconds = progress["logged"]
@@ -266,7 +250,6 @@ def log(output_dir, window, progress, optimizer, steps_per_epoch, grad_norm):
     progress["logged"] = [progress["examples"], progress["seconds"]]
     record = {
         "step": progress["step"],
-        "epoch": round(progress["step"] / steps_per_epoch, 2),
         "loss": window.item() / examples,  # waits for the device: once a log, not every step
         "lr": optimizer.param_groups[0]["lr"],
         "grad_norm": grad_norm,
@@ -284,20 +267,12 @@ def append_log(output_dir, record):
         f.write(json.dumps(record) + "\n")
 
 
-# =================================================================================================
-# 5. Checkpoints and resume
-#
+# === 5. Checkpoints and resume ===================================================================
 # A resumed run continues exactly where the interrupted one stopped. A checkpoint holds the
-# weights, the optimizer's moments, the fp16 loss scale, each rank's random stream (dropout) and
-# the step: the whole position in the data (the plan depends only on (seed, epoch)) and in the
-# learning-rate schedule. It holds the run's flags too; those that make it another run must match.
-# =================================================================================================
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # every GPU's too
+# weights, the optimizer's moments, the fp16 loss scale, each rank's torch random streams (draw
+# your randomness, like dropout, from them) and the step: the whole position in the data (the
+# plan depends only on (seed, epoch)) and in the learning-rate schedule. It holds the run's flags
+# too; those that make it another run must match.
 
 
 def start_or_resume(model, optimizer, scaler, output_dir, flags, must_match):
@@ -306,7 +281,7 @@ def start_or_resume(model, optimizer, scaler, output_dir, flags, must_match):
     among them. Returns (progress, notes): where the run stands, and what to tell the user."""
     path, checkpoint, notes = choose_checkpoint(output_dir)
     if checkpoint is None:
-        seed_everything(flags["seed"] + RANK)  # every rank its own dropout stream
+        torch.manual_seed(flags["seed"] + RANK)  # every rank its own dropout stream, every GPU
         counts = "step skipped_steps nonfinite_streak examples seconds".split()
         return dict.fromkeys(counts, 0) | {"logged": [0, 0]}, notes
     saved = checkpoint["flags"]
@@ -332,7 +307,7 @@ def start_or_resume(model, optimizer, scaler, output_dir, flags, must_match):
         if cuda_rng is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(cuda_rng)
     else:  # another world size: the same data order, new dropout streams
-        seed_everything(flags["seed"] + 1000 * RANK + progress["step"])
+        torch.manual_seed(flags["seed"] + 1000 * RANK + progress["step"])
     return progress, notes + [f"resuming from {path} (step {progress['step']})"] + changed
 
 
@@ -370,9 +345,9 @@ def choose_checkpoint(output_dir):
     return paths[0], state, skipped
 
 
-def save_checkpoint(output_dir, model, optimizer, scaler, progress, flags, keep):
-    """checkpoint-{step}.pt with all a resume needs, keeping only the newest `keep`. Call it on
-    every rank: it gathers their random streams; rank 0 writes."""
+def save_checkpoint(output_dir, model, optimizer, scaler, progress, flags):
+    """checkpoint-{step}.pt with all a resume needs; the one before stays too, should this one
+    break. Call it on every rank: it gathers their random streams; rank 0 writes."""
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None  # this GPU's
     rng = all_gather((torch.get_rng_state(), cuda_rng))
     if RANK == 0:  # DDP keeps the replicas identical: one copy of model and optimizer will do
@@ -386,8 +361,8 @@ def save_checkpoint(output_dir, model, optimizer, scaler, progress, flags, keep)
         }
         path = os.path.join(output_dir, f"checkpoint-{progress['step']}.pt")
         write_atomically(path, lambda f: torch.save(state, f))
-        # The oldest go; a newer one (broken, skipped by 'auto') stays until this run replaces it.
-        for _, old in [c for c in list_checkpoints(output_dir) if c[0] <= progress["step"]][keep:]:
+        # Older ones go; a newer one (broken, skipped by a resume) stays until this run passes it.
+        for _, old in [c for c in list_checkpoints(output_dir) if c[0] <= progress["step"]][2:]:
             os.remove(old)
     if WORLD_SIZE > 1:
         dist.barrier()  # no rank exits (tearing the group down) before the checkpoint is on disk

@@ -26,17 +26,17 @@ def tokenizer():
 
 @pytest.mark.parametrize("task_name,split,rows", FULL + SAMPLE)
 def test_every_format_reads_and_tokenizes_with_its_row_count(tokenizer, task_name, split, rows):
-    task = data.glue_task(task_name, GLUE if (task_name, split, rows) in FULL else SAMPLES)
+    task = data.glue_task(task_name, GLUE if (task_name, split, rows) in FULL else SAMPLES, True)
     table = data.read_split(task, split)
     tokens = data.tokenize(table, task, split, tokenizer, 128)
     assert len(table) == len(tokens) == rows
     assert all(1 < n <= 128 for n in data.lengths(tokens))
     if split == "test":
-        assert "label" not in tokens.column_names and "index" in tokens.column_names
+        assert "labels" not in tokens.column_names and "index" in tokens.column_names
     elif task["classes"]:
-        assert set(tokens["label"]) == set(range(len(task["classes"])))
+        assert set(tokens["labels"]) == set(range(len(task["classes"])))
     else:
-        labels = tokens["label"]
+        labels = tokens["labels"]
         assert all(0.0 <= s <= 5.0 for s in labels) and len(set(labels)) > 1
 
 
@@ -97,13 +97,15 @@ def test_a_changed_file_is_read_afresh_even_with_its_old_size_and_time(tmp_path)
     assert data.read_table(path)["label"] == ["neutralment"]
 
 
-def test_collate_pads_to_the_longest_in_the_batch_not_to_max_length():
+def test_collate_pads_to_the_longest_in_the_batch_not_to_max_length(tokenizer):
     rows = {
         "input_ids": [[101, 5, 102], [101, 5, 6, 7, 8, 9, 10, 11, 12, 102]],
         "token_type_ids": [[0, 0, 0], [0] * 5 + [1] * 5],
-        "label": [1, 0],
+        "labels": [1, 0],
+        "index": [7, 8],  # a test split's ids, not the model's
     }
-    batch = data.collate(rows, pad_token_id=0)
+    batch = data.collate(rows, tokenizer)
+    assert sorted(batch) == ["attention_mask", "input_ids", "labels", "token_type_ids"]
     assert batch["input_ids"].shape == (2, 16)  # longest is 10, rounded up to a multiple of 8
     assert batch["attention_mask"].sum().item() == 13
     assert batch["input_ids"][0, 3:].eq(0).all() and batch["labels"].tolist() == [1, 0]
@@ -156,7 +158,7 @@ def test_own_files_find_their_texts_and_kind_of_label(tmp_path, tokenizer, kind)
     task = data.own_task(own(tmp_path, "e", scores, kind), own(tmp_path, "f", scores, kind), None)
     assert task["classes"] == [] and task["metrics"] == ["pearson", "spearmanr"]
     tokens = data.tokenize(data.read_split(task, "dev"), task, "dev", tokenizer, 32)
-    assert tokens["label"] == [i / 4 for i in range(6)]
+    assert tokens["labels"] == [i / 4 for i in range(6)]
 
 
 @pytest.mark.parametrize(

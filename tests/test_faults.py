@@ -275,16 +275,16 @@ def corrupt(path, how):
 def test_a_broken_newest_checkpoint_is_skipped_for_the_newest_good_one(
     tiny_model, tmp_path, how, capsys
 ):
-    out = train_in_process(tiny_model, str(tmp_path / "run"), *SHORT, "--max_steps", 6, "--save_steps", 2,
-                           "--save_total_limit", 3)  # fmt: skip
+    out = train_in_process(tiny_model, str(tmp_path / "run"), *SHORT, "--max_steps", 6, "--save_steps", 2)
     corrupt(f"{out}/checkpoint-6.pt", how)
-    train_in_process(tiny_model, out, *SHORT, "--max_steps", 6, "--save_steps", 2, "--save_total_limit", 3,
+    train_in_process(tiny_model, out, *SHORT, "--max_steps", 6, "--save_steps", 2,
                      "--resume_from_checkpoint", "auto")  # fmt: skip
     console = capsys.readouterr().out
     assert re.search(r"warning: skipping .*checkpoint-6.pt, not a checkpoint", console)
     assert "resuming from" in console and "checkpoint-4.pt (step 4)" in console
     assert trainer.choose_checkpoint(out)[1]["progress"]["step"] == 6  # replaced
-    for step in (2, 4, 6):
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-4.pt", "checkpoint-6.pt", "final", "log.jsonl"]
+    for step in (4, 6):
         corrupt(f"{out}/checkpoint-{step}.pt", how)
     with pytest.raises(ValueError, match="no checkpoint in .* loads"):
         trainer.choose_checkpoint(out)
@@ -347,15 +347,15 @@ def test_persistent_nonfinite_loss_stops_with_the_last_checkpoint_intact(
 
 
 def test_changed_world_size_with_the_same_global_batch_resumes_exactly(tiny_model, tmp_path):
-    common = ["--max_steps", 12, "--save_steps", 5, "--save_total_limit", 5]
+    common = ["--max_steps", 12, "--save_steps", 6]
     straight = train_in_process(tiny_model, str(tmp_path / "straight"), *SHORT, *common)
     out = tmp_path / "resized"
     out.mkdir()
-    shutil.copy(f"{straight}/checkpoint-5.pt", out)
+    shutil.copy(f"{straight}/checkpoint-6.pt", out)
     run_cli(train_args(tiny_model, out, *common, "--per_device_train_batch_size", 2,
                        "--resume_from_checkpoint", "auto"), torchrun=2)  # fmt: skip
-    assert min(losses(out)) == 6 and max(losses(out)) == 12
-    for step in range(6, 13):
+    assert min(losses(out)) == 7 and max(losses(out)) == 12
+    for step in range(7, 13):
         assert losses(out)[step] == pytest.approx(losses(straight)[step], rel=1e-4)
     a, b = model_weights(f"{straight}/final"), model_weights(f"{out}/final")
     for k in a:

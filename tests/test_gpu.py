@@ -1,4 +1,4 @@
-"""The GPU paths the CPU suite cannot reach: NCCL beside gloo, pinned non_blocking copies, CUDA RNG
+"""The GPU paths the CPU suite cannot reach: NCCL beside gloo, host-to-device copies, CUDA RNG
 per device, bf16 and fp16 autocast on tensor cores. Left out of the default run; on a CUDA machine:
 
     python -m pytest -q -m gpu
@@ -42,7 +42,7 @@ def test_one_gpu_trains_and_resumes_to_the_same_run(tiny_model_dropout, tmp_path
     common = ["--per_device_train_batch_size", 16, "--max_steps", 12, "--save_steps", 6, precision]
     straight = str(tmp_path / "straight")
     run_cli(gpu_args(tiny_model_dropout, straight, *common), env=env)
-    results = json.load(open(f"{straight}/results.json"))
+    results = json.load(open(f"{straight}/final/eval.json"))
     assert results["skipped_steps"] <= 2  # fp16 may skip a step or two while the scale settles
     assert losses(straight)[12] < losses(straight)[1]
     resumed = tmp_path / "resumed"
@@ -68,12 +68,12 @@ def test_two_gpus_match_one_gpu_at_the_same_global_batch(tiny_model, tmp_path):
     run_cli(gpu_args(tiny_model, two, "--per_device_train_batch_size", 8, *common),
             torchrun=2, env={"CUDA_VISIBLE_DEVICES": "0,1"})  # fmt: skip
     a, b = model_weights(f"{one}/final"), model_weights(f"{two}/final")
-    for key in a:  # fp32 on both (TF32 is off unless --tf32)
+    for key in a:  # fp32 on both (TF32 is off: torch's default)
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)
     for step, loss in losses(one).items():
         assert losses(two)[step] == pytest.approx(loss, rel=1e-3)
-    results = [json.load(open(f"{out}/results.json")) for out in (one, two)]
-    assert results[0]["final"] == pytest.approx(results[1]["final"], abs=1 / 64)
+    results = [json.load(open(f"{out}/final/eval.json")) for out in (one, two)]
+    assert results[0]["eval"] == pytest.approx(results[1]["eval"], abs=1 / 64)
 
 
 def test_two_gpus_stop_on_sigterm_and_resume(tiny_model, tmp_path):
@@ -90,4 +90,4 @@ def test_two_gpus_stop_on_sigterm_and_resume(tiny_model, tmp_path):
     stopped_at = max(losses(out))
     assert os.path.exists(f"{out}/checkpoint-{stopped_at}.pt")
     run_cli(args, torchrun=2, env={"CUDA_VISIBLE_DEVICES": "0,1"}, timeout=900)
-    assert json.load(open(f"{out}/results.json"))["step"] == 20 * 32
+    assert json.load(open(f"{out}/final/eval.json"))["step"] == 20 * 32

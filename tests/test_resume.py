@@ -81,11 +81,10 @@ def test_a_resume_that_fails_while_loading_changes_nothing(tiny_model, tmp_path)
 
 
 def test_each_step_is_logged_once_after_a_resume_whatever_the_log_holds(tiny_model, tmp_path):
-    common = [*RUN, "--max_steps", 8, "--save_steps", 2, "--save_total_limit", 10]
+    common = [*RUN, "--max_steps", 8, "--save_steps", 2]
     straight = train_in_process(tiny_model, str(tmp_path / "straight"), *common)
     out = train_in_process(tiny_model, str(tmp_path / "run"), *common)
-    for step in (6, 8):  # as if killed after step 8's log line, before step 6's checkpoint
-        os.remove(f"{out}/checkpoint-{step}.pt")
+    os.remove(f"{out}/checkpoint-8.pt")  # as if killed after step 8's log line, before its save
     with open(f"{out}/log.jsonl", "a") as f:
         f.write('{"oops": 1}\n["a list"]\n{"step": 7, "loss": 0.1}{"step"')  # junk, a cut line
     train_in_process(tiny_model, out, *common, *AUTO)
@@ -101,10 +100,10 @@ def test_each_step_is_logged_once_after_a_resume_whatever_the_log_holds(tiny_mod
 
 def test_resuming_a_finished_run_evaluates_and_exits_cleanly(tiny_model, tmp_path):
     out = train_in_process(tiny_model, str(tmp_path / "run"), *RUN, "--max_steps", 2)
-    os.remove(f"{out}/results.json")
+    shutil.rmtree(f"{out}/final")
     train_in_process(tiny_model, out, *RUN, "--max_steps", 2, *AUTO)
-    results = json.load(open(f"{out}/results.json"))
-    assert results["step"] == 2 and results["final"]["accuracy"] >= 0
+    results = json.load(open(f"{out}/final/eval.json"))
+    assert results["step"] == 2 and results["eval"]["accuracy"] >= 0
 
 
 def failing_save_pretrained(monkeypatch, failing_folder):
@@ -120,63 +119,55 @@ def failing_save_pretrained(monkeypatch, failing_folder):
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save_pretrained)
 
 
-@pytest.mark.parametrize("folder", ["best", "final"])
-def test_a_failing_write_of_best_or_final_keeps_the_previous_one(
-    tiny_model, tmp_path, monkeypatch, folder
-):
-    out = train_in_process(
-        tiny_model, str(tmp_path / "run"), *RUN, "--max_steps", 2, "--save_steps", 1
-    )
-    previous = model_weights(f"{out}/{folder}")
-    monkeypatch.setattr("train_glue.metrics.accuracy", lambda *_: 2.0)  # every evaluation a best
-    failing_save_pretrained(monkeypatch, folder)
-    with pytest.raises(OSError, match="No space left on device"):
-        train_in_process(tiny_model, out, *RUN, "--max_steps", 4, "--save_steps", 1, *AUTO)
-    assert model_weights(f"{out}/{folder}").keys() == previous.keys()  # whole, and loadable
-    monkeypatch.undo()
-    train_in_process(tiny_model, out, *RUN, "--max_steps", 4, "--save_steps", 1, *AUTO)
-    assert json.load(open(f"{out}/results.json"))["step"] == 4
-    assert not os.path.exists(f"{out}/{folder}.tmp")
-
-
-def test_a_crash_between_the_two_renames_of_best_loses_nothing(tiny_model, tmp_path, monkeypatch):
-    out = train_in_process(
-        tiny_model, str(tmp_path / "run"), *RUN, "--max_steps", 2, "--save_steps", 1
-    )
-    os.rename(f"{out}/best", f"{out}/best.old")  # the first rename done, the second not
-    best = json.load(open(f"{out}/best.old/eval.json"))
-    monkeypatch.setattr("train_glue.metrics.accuracy", lambda *_: -1.0)  # never better
-    train_in_process(tiny_model, out, *RUN, "--max_steps", 3, "--save_steps", 1, *AUTO)
-    monkeypatch.undo()
-    assert json.load(open(f"{out}/best/eval.json")) == best  # still the best
-    train_in_process(tiny_model, out, *RUN, "--max_steps", 4, "--save_steps", 1, *AUTO)
-    assert json.load(open(f"{out}/best/eval.json"))["step"] in (best["step"], 4)
-
-
-def test_a_failing_results_write_keeps_the_previous_file(tiny_model, tmp_path, monkeypatch):
+def test_a_failing_write_of_final_keeps_the_previous_one(tiny_model, tmp_path, monkeypatch):
     out = train_in_process(tiny_model, str(tmp_path / "run"), *RUN, "--max_steps", 2)
-    previous = open(f"{out}/results.json").read()
+    previous = model_weights(f"{out}/final")
+    failing_save_pretrained(monkeypatch, "final")
+    with pytest.raises(OSError, match="No space left on device"):
+        train_in_process(tiny_model, out, *RUN, "--max_steps", 4, *AUTO)
+    assert model_weights(f"{out}/final").keys() == previous.keys()  # whole, and loadable
+    monkeypatch.undo()
+    train_in_process(tiny_model, out, *RUN, "--max_steps", 4, *AUTO)
+    assert json.load(open(f"{out}/final/eval.json"))["step"] == 4
+    assert not os.path.exists(f"{out}/final.tmp")
+
+
+def test_a_crash_between_the_two_renames_of_final_loses_nothing(tiny_model, tmp_path, monkeypatch):
+    out = train_in_process(tiny_model, str(tmp_path / "run"), *RUN, "--max_steps", 2)
+    os.rename(f"{out}/final", f"{out}/final.old")  # the first rename done, the second not
+    previous = json.load(open(f"{out}/final.old/eval.json"))
+    failing_save_pretrained(monkeypatch, "final")  # and the next save fails too
+    with pytest.raises(OSError, match="No space left on device"):
+        train_in_process(tiny_model, out, *RUN, "--max_steps", 3, *AUTO)
+    assert json.load(open(f"{out}/final/eval.json")) == previous  # put back, whole
+    assert not os.path.exists(f"{out}/final.old")
+
+
+def test_a_failing_predictions_write_keeps_the_previous_file(tiny_model, tmp_path, monkeypatch):
+    out = train_in_process(tiny_model, str(tmp_path / "run"), *RUN, "--max_steps", 2, "--do_predict")
+    previous = open(f"{out}/MRPC.tsv").read()
     real_replace = os.replace
 
     def replace(src, dst):
-        if dst.endswith("results.json"):
+        if dst.endswith("MRPC.tsv"):
             raise OSError(5, "Input/output error")
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(OSError, match="could not write .*results.json \\(.*Input/output error\\)"):
-        train_in_process(tiny_model, out, *RUN, "--max_steps", 3, *AUTO)
-    assert open(f"{out}/results.json").read() == previous
-    assert not os.path.exists(f"{out}/results.json.tmp")
+    with pytest.raises(OSError, match="could not write .*MRPC.tsv \\(.*Input/output error\\)"):
+        train_in_process(tiny_model, out, *RUN, "--max_steps", 3, "--do_predict", *AUTO)
+    assert open(f"{out}/MRPC.tsv").read() == previous
+    assert not os.path.exists(f"{out}/MRPC.tsv.tmp")
+    assert json.load(open(f"{out}/final/eval.json"))["step"] == 2  # not marked complete
 
 
 def test_overwrite_deletes_exactly_what_the_trainer_writes(tiny_model, tmp_path):
     out = train_in_process(tiny_model, str(tmp_path / "run"), *RUN, "--max_steps", 4, "--save_steps", 2,
-                           "--do_predict", "--save_total_limit", 5)  # fmt: skip
-    os.makedirs(f"{out}/best.tmp")  # what a crash mid-write leaves
+                           "--do_predict")  # fmt: skip
+    os.makedirs(f"{out}/final.tmp")  # what a crash mid-write leaves
     for mine in ("notes.txt", "analysis", "MRPC.tsv.bak"):
         open(f"{out}/{mine}", "w").write("the user's")
     train_in_process(tiny_model, out, *RUN, "--max_steps", 2, "--overwrite_output_dir")
-    assert sorted(os.listdir(out)) == [".lock", "MRPC.tsv.bak", "analysis", "best", "checkpoint-2.pt", "final",
-                                       "log.jsonl", "notes.txt", "results.json"]  # fmt: skip
+    assert sorted(os.listdir(out)) == [".lock", "MRPC.tsv.bak", "analysis", "checkpoint-2.pt", "final",
+                                       "log.jsonl", "notes.txt"]  # fmt: skip
     assert logged_steps(out) == [1, 2]

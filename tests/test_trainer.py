@@ -2,6 +2,7 @@
 and loss. The README's example is `main` below, run as a script by the first test."""
 
 import contextlib
+import inspect
 import math
 import os
 import signal
@@ -66,11 +67,11 @@ def main(output_dir):
         logging_steps=50,
         eval_steps=500,
         save_steps=50,
-        keep_checkpoints=2,
         stop_requested=stop,
     )
     if not summary["stopped"]:
-        torch.save(model.state_dict(), os.path.join(output_dir, "model.pt"))
+        path = os.path.join(output_dir, "model.pt")
+        trainer.write_atomically(path, lambda f: torch.save(model.state_dict(), f))
 
 
 if __name__ == "__main__":
@@ -118,6 +119,11 @@ def test_the_readme_example_stops_on_sigterm_and_resumes_to_the_same_weights(tmp
         "checkpoint-1950.pt",
         "checkpoint-2000.pt",
     ]
+
+
+def test_the_readme_shows_this_example_as_it_is():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert inspect.getsource(main) in f.read()
 
 
 def plain_step(model, micro_batches, examples_in_step, optimizer, clip=math.inf):
