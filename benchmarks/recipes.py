@@ -126,8 +126,8 @@ SEEDS = {
 # -------------------------------------------------------------------------------------------------
 # HF Trainer at (a), beside ours (`--configs hf`, run by benchmarks/compare_hf.py): the tasks and
 # seeds it runs. The four tasks the HF figures we were given cover; one seed, as those figures had
-# (HF runs without length grouping are about 1.4x slower than ours here). Its worker fixes (a)'s
-# batch, learning rate and weight decay: glue_results.py refuses --configs hf if DEFAULTS changes.
+# (HF runs without length grouping are about 1.4x slower than ours here). It takes (a)'s flags,
+# as train_glue.py does, and trains on batches in random order (Trainer's default).
 # -------------------------------------------------------------------------------------------------
 HF_TASKS = ["cola", "mrpc", "stsb", "rte"]
 HF_SEEDS = [42]
