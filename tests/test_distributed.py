@@ -45,7 +45,8 @@ def test_ddp_two_processes_match_one_process_and_evaluate_every_example_once(tin
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
     results = [
-        json.loads((tmp_path / run / "final" / "eval.json").read_text()) for run in ("single", "ddp")
+        json.loads((tmp_path / run / "final" / "eval.json").read_text())
+        for run in ("single", "ddp")
     ]
     assert results[0]["eval"] == results[1]["eval"] and not math.isnan(
         results[1]["eval"]["accuracy"]

@@ -144,7 +144,9 @@ def test_a_crash_between_the_two_renames_of_final_loses_nothing(tiny_model, tmp_
 
 
 def test_a_failing_predictions_write_keeps_the_previous_file(tiny_model, tmp_path, monkeypatch):
-    out = train_in_process(tiny_model, str(tmp_path / "run"), *RUN, "--max_steps", 2, "--do_predict")
+    out = train_in_process(
+        tiny_model, str(tmp_path / "run"), *RUN, "--max_steps", 2, "--do_predict"
+    )
     previous = open(f"{out}/MRPC.tsv").read()
     real_replace = os.replace
 
