@@ -5,6 +5,7 @@ the dtypes of what is saved."""
 import json
 import math
 import shutil
+import threading
 
 import pytest
 import torch
@@ -154,3 +155,51 @@ def test_a_regression_model_says_so_in_its_config(tiny_model, tmp_path):
                            task="stsb")  # fmt: skip
     config = json.load(open(f"{out}/final/config.json"))
     assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
+
+
+def write_rows(path, rows):
+    """rows (dicts) in the format path's extension names: .csv, .tsv, .json (a list), .jsonl."""
+    kind = path.suffix
+    if kind == ".jsonl":
+        text = "".join(json.dumps(row) + "\n" for row in rows)
+    elif kind == ".json":
+        text = json.dumps(rows)
+    else:
+        sep = "\t" if kind == ".tsv" else ","
+        lines = [sep.join(rows[0])] + [sep.join(str(v) for v in row.values()) for row in rows]
+        text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "kind,regression", [("csv", False), ("tsv", True), ("json", False), ("jsonl", True)]
+)
+def test_own_files_train_evaluate_and_predict(tiny_model, tmp_path, kind, regression):
+    labels = [0.5, 1.25, 3.0] if regression else ["neg", "pos", "mixed"]
+    rows = [
+        {"id": i, "sentence1": f"a {i}", "sentence2": f"b {i % 5}", "label": labels[i % 3]}
+        for i in range(24)
+    ]
+    files = [write_rows(tmp_path / f"{split}.{kind}", rows) for split in ("train", "dev")]
+    test = write_rows(
+        tmp_path / f"test.{kind}",
+        [{"sentence1": r["sentence1"], "sentence2": r["sentence2"]} for r in rows[:7]],
+    )
+    out = str(tmp_path / "run")
+    args = train_glue.parse_args(["--train_file", files[0], "--validation_file", files[1], "--test_file", test,
+                                  "--model_name_or_path", tiny_model, "--output_dir", out, "--max_steps", "2"])  # fmt: skip
+    assert train_glue.run(args, threading.Event()) is False
+    scores = json.load(open(f"{out}/final/eval.json"))["eval"]
+    assert list(scores) == (["pearson", "spearmanr"] if regression else ["accuracy", "f1_macro"])
+    config = json.load(open(f"{out}/final/config.json"))
+    assert config["problem_type"] == ("regression" if regression else "single_label_classification")
+    if not regression:
+        assert list(config["id2label"].values()) == ["mixed", "neg", "pos"]
+    lines = open(f"{out}/predictions.tsv").read().splitlines()
+    assert lines[0] == "index\tprediction" and [line.split("\t")[0] for line in lines[1:]] == [
+        str(i) for i in range(7)
+    ]
+    for line in lines[1:]:
+        value = line.split("\t")[1]
+        assert math.isfinite(float(value)) if regression else value in labels
