@@ -280,7 +280,6 @@ def predict(args, model, tokenizer, table, autocast):
         batch = data.collate(table[mine[start : start + batch_size].tolist()], tokenizer)
         with autocast:
             outputs.append(model(**trainer.to_device(batch, device)).logits.float().cpu())
-    model.train()
     logits = torch.zeros(len(table), model.config.num_labels)
     for indices, values in trainer.all_gather((mine, torch.cat(outputs) if outputs else None)):
         if values is not None:

@@ -116,7 +116,7 @@ def train_step(
     # Divide the fp16 loss scale out of the gradients first: clipping compares the true norm.
     scaler.unscale_(optimizer)
     total_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    # The step's one host sync: whether to apply the update is decided on the host. A NaN/inf
+    # The step's one wait for the device: the host decides whether to apply the update. A NaN/inf
     # gradient (an fp16 overflow, or a real divergence) skips it.
     grad_norm = total_norm.item()
     update_applied = math.isfinite(grad_norm)
@@ -196,8 +196,8 @@ def train(
     steps_per_epoch, last_eval, stopped = len(plan(0)), None, False
     window = torch.zeros((), device=device)  # the loss summed since the last log record
     truncate_log(output_dir, progress["step"])  # the run's first write
-    model.train()  # dropout on (from_pretrained returns a model in eval mode)
     while progress["step"] < total_steps and not stopped:
+        model.train()  # dropout on: a model may come in eval mode, and evaluate() may leave it so
         started = time.perf_counter()
         epoch, step_in_epoch = divmod(progress["step"], steps_per_epoch)
         examples_in_step, micro_batch_ids = plan(epoch)[step_in_epoch]
@@ -277,20 +277,20 @@ def append_log(output_dir, record):
 
 def start_or_resume(model, optimizer, scaler, output_dir, flags, must_match):
     """Load the newest checkpoint in output_dir (None: start afresh) into the freshly built
-    objects, or start afresh when there is none; writes nothing. flags: the run's settings, "seed"
-    among them. Returns (progress, notes): where the run stands, and what to tell the user."""
+    objects, or start afresh when there is none; writes nothing. flags: the run's settings as plain
+    values, "seed" among them. Returns (progress, notes): where the run stands, what to tell."""
+    torch.manual_seed(flags["seed"] + RANK * 2**32)  # every rank its own dropout stream, every GPU
     path, checkpoint, notes = choose_checkpoint(output_dir)
     if checkpoint is None:
-        torch.manual_seed(flags["seed"] + RANK)  # every rank its own dropout stream, every GPU
         counts = "step skipped_steps nonfinite_streak examples seconds".split()
         return dict.fromkeys(counts, 0) | {"logged": [0, 0]}, notes
     saved = checkpoint["flags"]
-    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in flags.items() if saved.get(k) != v]
-    refused = [change for change in changed if change.split()[0] in must_match]
+    changed = {k: f"{k} {saved.get(k)!r} -> {v!r}" for k, v in flags.items() if saved.get(k) != v}
+    refused = [change for name, change in changed.items() if name in must_match]
     if refused:  # the flags that changed say why
         raise ValueError(
             f"cannot resume {path}: it is another run ({'; '.join(refused)}; changed: "
-            f"{', '.join(change.split()[0] for change in changed)}): start in another output dir"
+            f"{', '.join(changed)}): start in another output dir"
         )
     try:
         model.load_state_dict(checkpoint["model"])
@@ -301,14 +301,14 @@ def start_or_resume(model, optimizer, scaler, output_dir, flags, must_match):
     except (RuntimeError, ValueError, KeyError) as error:
         raise ValueError(f"{path} does not fit this model ({first_line(error)})") from None
     progress = checkpoint["progress"]
-    if len(checkpoint["rng"]) == WORLD_SIZE:  # each rank continues its own random stream
+    # Each rank continues its own random stream. Under another world size (the same global batch,
+    # which must_match should hold: the same data order) the streams start afresh, seeded above.
+    if len(checkpoint["rng"]) == WORLD_SIZE:
         cpu_rng, cuda_rng = checkpoint["rng"][RANK]
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(cuda_rng)
-    else:  # another world size: the same data order, new dropout streams
-        torch.manual_seed(flags["seed"] + 1000 * RANK + progress["step"])
-    return progress, notes + [f"resuming from {path} (step {progress['step']})"] + changed
+    return progress, [*notes, f"resuming from {path} (step {progress['step']})", *changed.values()]
 
 
 def first_line(error):
@@ -380,7 +380,7 @@ def write_atomically(path, write):
     except Exception as error:  # OSError, or a library's own type for a failed write
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
-        raise OSError(f"could not write {path} ({first_line(error)})") from None
+        raise OSError(f"could not write {path} ({first_line(error)})") from error
 
 
 def truncate_log(output_dir, step):

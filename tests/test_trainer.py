@@ -31,10 +31,11 @@ def main(output_dir):
     )
     optimizer = trainer.build_optimizer(model, learning_rate=1e-3, weight_decay=0.01)
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # fp32: the scaler does nothing
-    flags = {"seed": 0, "batch_size": 32}  # saved in each checkpoint; a resume must match them
+    # Saved in each checkpoint; a resume must match them (the global batch: the same data order).
+    flags = {"seed": 0, "global_batch_size": 32 * trainer.WORLD_SIZE}
     # Resume from the newest checkpoint in output_dir, if there is one.
     progress, notes = trainer.start_or_resume(
-        model, optimizer, scaler, output_dir, flags, must_match=["seed", "batch_size"]
+        model, optimizer, scaler, output_dir, flags, must_match=["seed", "global_batch_size"]
     )
     print(*notes, sep="\n")
     stop = threading.Event()
