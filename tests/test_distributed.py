@@ -34,8 +34,9 @@ def test_ddp_two_processes_match_one_process_and_evaluate_every_example_once(tin
         common + ["--output_dir", tmp_path / "single", "--per_device_train_batch_size", 8]
     )
     double = run_cli(
-        common + ["--output_dir", tmp_path / "ddp", "--per_device_train_batch_size", 4], torchrun=2
-    )
+        common + ["--output_dir", tmp_path / "ddp", "--per_device_train_batch_size", 2,
+                  "--gradient_accumulation_steps", 2], torchrun=2,
+    )  # fmt: skip
     assert single.returncode == double.returncode == 0
     one, two = (
         model_weights(tmp_path / "single" / "final"),

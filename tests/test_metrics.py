@@ -50,7 +50,9 @@ def test_spearman_ranks_ties_as_scipy_does():
     assert metrics.spearmanr(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
 
 
-@pytest.mark.parametrize("preds,labels", CLASS_CASES)
+@pytest.mark.parametrize(
+    "preds,labels", [*CLASS_CASES, (np.array([0, 1, 2, 2]), np.array([0, 1, 1, 0]))]
+)  # the last predicts a class no label has: it still counts, with an F1 of 0
 def test_macro_f1_matches_sklearn(preds, labels):
     expected = sk.f1_score(labels, preds, average="macro", zero_division=0.0)
     assert metrics.f1_macro(preds, labels) == pytest.approx(expected)

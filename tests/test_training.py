@@ -149,8 +149,21 @@ def test_under_fp16_the_logged_and_clipped_norm_is_the_true_gradient_norm(tiny_m
     assert norms["fp16"] == pytest.approx(norms["fp32"], rel=0.05)
 
 
-def test_a_regression_model_says_so_in_its_config(tiny_model, tmp_path):
-    """pipeline() applies a sigmoid to a score unless problem_type says regression."""
+def test_the_head_says_what_it_is_whatever_the_model_was_trained_for(tiny_model, tmp_path):
+    """pipeline() applies a sigmoid to a score unless problem_type says regression, and returns raw
+    logits for classes if a model trained on STS-B still says regression."""
+    stsb = tmp_path / "stsb-model"
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=1, problem_type="regression", ignore_mismatched_sizes=True
+    )
+    model.save_pretrained(stsb)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(stsb)
+    for task, expected in (("mrpc", "single_label_classification"), ("stsb", "regression")):
+        args = train_glue.parse_args(
+            ["--task_name", task, "--model_name_or_path", str(stsb), "--output_dir", "x"]
+        )
+        _, loaded = train_glue.load_model(args, data.glue_task(task, GLUE))
+        assert loaded.config.problem_type == expected, task
     out = train_in_process(tiny_model, str(tmp_path / "run"), "--max_train_samples", 16, "--max_steps", 1,
                            task="stsb")  # fmt: skip
     config = json.load(open(f"{out}/final/config.json"))
