@@ -97,6 +97,24 @@ def test_a_changed_file_is_read_afresh_even_with_its_old_size_and_time(tmp_path)
     assert data.read_table(path)["label"] == ["neutralment"]
 
 
+def test_the_tokenized_cache_follows_the_tokenizer_and_max_seq_length(tmp_path, tokenizer):
+    write(
+        tmp_path / "RTE",
+        "train.tsv",
+        RTE_HEADER + "0\t" + "glorptastic words " * 40 + "\tb\tentailment\n",
+    )
+    task = data.glue_task("rte", str(tmp_path))
+    table = data.read_split(task, "train")
+
+    def input_ids(tokenizer, max_seq_length):
+        return data.tokenize(table, task, "train", tokenizer, max_seq_length)["input_ids"][0]
+
+    assert [len(input_ids(tokenizer, n)) for n in (32, 64, 32)] == [32, 64, 32]
+    other = AutoTokenizer.from_pretrained(minilm_path())
+    other.add_tokens(["glorptastic"])  # one new token: other ids for the same text
+    assert input_ids(other, 32) != input_ids(tokenizer, 32)
+
+
 def test_collate_pads_to_the_longest_in_the_batch_not_to_max_length(tokenizer):
     rows = {
         "input_ids": [[101, 5, 102], [101, 5, 6, 7, 8, 9, 10, 11, 12, 102]],
