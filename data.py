@@ -102,7 +102,7 @@ def read_table(path, columns=None):
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text (byte {error.start}): convert it") from None
     if kind in (".tsv", ".csv"):
-        if not lines[columns is None].strip():
+        if not (lines[0] if columns else lines[1]).strip():  # the first row of data
             raise ValueError(f"{path} has no data rows: the file is empty or cut short")
         # GLUE's files are unquoted (their sentences hold unbalanced '"'); "NA" is a word.
         dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if kind == ".tsv" else {}

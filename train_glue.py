@@ -293,7 +293,7 @@ def evaluate(args, task, tokenizer, splits, autocast, model, step):
     for name, table in splits.items():
         if name.startswith("dev"):
             predictions = predict(args, model, tokenizer, table, autocast)
-            prefix = name.removeprefix("dev").lstrip("_") + "_" * (name != "dev")  # MNLI's two
+            prefix = "" if name == "dev" else name[4:] + "_"  # MNLI's two: matched_, mismatched_
             for metric in task["metrics"]:
                 score = getattr(metrics, metric)(predictions.numpy(), np.asarray(table["labels"]))
                 scores[prefix + metric] = score

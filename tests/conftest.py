@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -109,6 +110,21 @@ def train_in_process(model, output_dir, *extra, task="mrpc", data_dir=GLUE):
     return output_dir
 
 
+def write_rows(path, rows):
+    """rows (dicts) in the format path's extension names: .csv, .tsv, .json (a list), .jsonl."""
+    kind = path.suffix
+    if kind == ".jsonl":
+        text = "".join(json.dumps(row) + "\n" for row in rows)
+    elif kind == ".json":
+        text = json.dumps(rows)
+    else:
+        sep = "\t" if kind == ".tsv" else ","
+        lines = [sep.join(rows[0])] + [sep.join(str(v) for v in row.values()) for row in rows]
+        text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return str(path)
+
+
 def model_weights(path):
     from safetensors.torch import load_file
 
@@ -122,8 +138,6 @@ def checkpoint_state(path):
 
 
 def read_log(output_dir):
-    import json
-
     with open(os.path.join(output_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
 

@@ -1,11 +1,10 @@
-import json
 import os
 
 import pytest
 from transformers import AutoTokenizer
 
 import data
-from conftest import GLUE, SAMPLES, minilm_path
+from conftest import GLUE, SAMPLES, minilm_path, write_rows
 
 FULL = [("mrpc", "train", 3668), ("mrpc", "dev", 408), ("mrpc", "test", 1725),
         ("sst2", "train", 67349), ("sst2", "dev", 872), ("sst2", "test", 1821)]  # fmt: skip
@@ -144,36 +143,27 @@ def test_the_fingerprint_changes_with_a_token_or_a_label_and_nothing_else(tmp_pa
     assert fingerprint("label", "0\ta cat\tb\tnot_entailment\n") != base
 
 
-def own(tmp_path, name, rows, kind):
-    """A file of `rows` (dicts) in the format its extension names."""
-    columns = list(rows[0])
-    if kind == "jsonl":
-        text = "".join(json.dumps(row) + "\n" for row in rows)
-    elif kind == "json":
-        text = json.dumps(rows)
-    else:
-        sep = "\t" if kind == "tsv" else ","
-        text = (
-            sep.join(columns)
-            + "\n"
-            + "".join(sep.join(str(row[c]) for c in columns) + "\n" for row in rows)
-        )
-    return write(tmp_path, f"{name}.{kind}", text)
-
-
 @pytest.mark.parametrize("kind", ["csv", "tsv", "json", "jsonl"])
 def test_own_files_find_their_texts_and_kind_of_label(tmp_path, tokenizer, kind):
     classes = [{"id": i, "review": f"text {i}", "label": ["bad", "good"][i % 2]} for i in range(6)]
-    task = data.own_task(own(tmp_path, "a", classes, kind), own(tmp_path, "b", classes, kind), None)
+    task = data.own_task(
+        write_rows(tmp_path / f"a.{kind}", classes),
+        write_rows(tmp_path / f"b.{kind}", classes),
+        None,
+    )
     assert task["texts"] == ["review"] and task["classes"] == ["bad", "good"]
     assert task["metrics"] == ["accuracy", "f1_macro"]
     integers = [{"sentence1": "a", "sentence2": "b", "label": i % 3} for i in range(6)]
     task = data.own_task(
-        own(tmp_path, "c", integers, kind), own(tmp_path, "d", integers, kind), None
+        write_rows(tmp_path / f"c.{kind}", integers),
+        write_rows(tmp_path / f"d.{kind}", integers),
+        None,
     )
     assert task["texts"] == ["sentence1", "sentence2"] and task["classes"] == ["0", "1", "2"]
     scores = [{"text": "a", "label": i / 4} for i in range(6)]
-    task = data.own_task(own(tmp_path, "e", scores, kind), own(tmp_path, "f", scores, kind), None)
+    task = data.own_task(
+        write_rows(tmp_path / f"e.{kind}", scores), write_rows(tmp_path / f"f.{kind}", scores), None
+    )
     assert task["classes"] == [] and task["metrics"] == ["pearson", "spearmanr"]
     tokens = data.tokenize(data.read_split(task, "dev"), task, "dev", tokenizer, 32)
     assert tokens["labels"] == [i / 4 for i in range(6)]
@@ -191,7 +181,7 @@ def test_own_files_find_their_texts_and_kind_of_label(tmp_path, tokenizer, kind)
     ],
 )
 def test_own_files_without_what_a_run_needs_are_refused(tmp_path, rows, message):
-    path = own(tmp_path, "train", rows, "csv")
+    path = write_rows(tmp_path / "train.csv", rows)
     with pytest.raises(ValueError, match=message):
         data.own_task(path, path, None)
 

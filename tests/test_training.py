@@ -20,6 +20,7 @@ from conftest import (
     model_weights,
     read_log,
     train_in_process,
+    write_rows,
 )
 
 
@@ -168,21 +169,6 @@ def test_the_head_says_what_it_is_whatever_the_model_was_trained_for(tiny_model,
                            task="stsb")  # fmt: skip
     config = json.load(open(f"{out}/final/config.json"))
     assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
-
-
-def write_rows(path, rows):
-    """rows (dicts) in the format path's extension names: .csv, .tsv, .json (a list), .jsonl."""
-    kind = path.suffix
-    if kind == ".jsonl":
-        text = "".join(json.dumps(row) + "\n" for row in rows)
-    elif kind == ".json":
-        text = json.dumps(rows)
-    else:
-        sep = "\t" if kind == ".tsv" else ","
-        lines = [sep.join(rows[0])] + [sep.join(str(v) for v in row.values()) for row in rows]
-        text = "\n".join(lines) + "\n"
-    path.write_text(text)
-    return str(path)
 
 
 @pytest.mark.parametrize(
