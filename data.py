@@ -15,6 +15,7 @@ datasets.disable_progress_bars()
 datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our own errors say what went wrong
 
 PAIR, NUMBER = ["sentence1", "sentence2"], re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+WHOLE = re.compile(r"[-+]?\d+")
 # name: (its folder in the classic layout, its text columns, the names of its classes, which the
 # files write as names or as numbers (none: a regression score), its metrics, the main first)
 GLUE = {
@@ -37,13 +38,16 @@ def glue_task(name, data_dir, with_test=False):
     if name == "mnli":  # a matched and a mismatched set, for dev and for test
         splits = ["train", "dev_matched", "dev_mismatched"]
         splits += ["test_matched", "test_mismatched"] * with_test
-    label = LABELS.get(name, "label")
+    label, classes = LABELS.get(name, "label"), classes.split()
     return {
         "files": {split: os.path.join(data_dir, folder, f"{split}.tsv") for split in splits},
         "columns": ["source", label, "mark", texts[0]] if name == "cola" else None,  # no header
         "texts": texts,
         "label": label,
-        "classes": classes.split(),
+        "classes": classes,
+        # GLUE's files write a class by its name or its number (SST-2's 0 is negative).
+        "label_ids": {n: i for i, n in enumerate(classes)}
+        | {str(i): i for i in range(len(classes))},
         "metrics": metrics.split(),
         "predictions": folder,  # GLUE's submission names: MRPC.tsv, MNLI-m.tsv, MNLI-mm.tsv
     }
@@ -52,24 +56,27 @@ def glue_task(name, data_dir, with_test=False):
 def own_task(train_file, validation_file, test_file):
     """The label is the `label` column; the texts are sentence1 and sentence2 if there are such
     columns, else the first one or two others of text. Labels that are all whole numbers or all
-    words are classes; numbers with fractions make a regression."""
+    words are classes, each class its name as written (`5` is the class "5", not class id 5);
+    numbers with fractions make a regression."""
     table = read_table(train_file)
     columns, sample = table.column_names, table.select(range(min(100, len(table))))
     others = [c for c in columns if c != "label" and not all(map(NUMBER.fullmatch, sample[c]))]
     texts = [c for c in PAIR if c in columns] or others[:2]
     if "label" not in columns or not texts:
         raise ValueError(f"{train_file} needs a 'label' column and one of text (it has {columns})")
-    values = table.unique("label")
+    values = [value for value in table.unique("label") if value]  # tokenize() names empty ones
     numbers = [value for value in values if NUMBER.fullmatch(value)]
     if 0 < len(numbers) < len(values):
         raise ValueError(f"{train_file}: the labels mix numbers and words: make them one kind")
-    regression = numbers and not all(value.lstrip("-").isdigit() for value in values)
+    regression = numbers and not all(map(WHOLE.fullmatch, values))
+    classes = [] if regression else sorted(values, key=int if numbers else str)
     files = {"train": train_file, "dev": validation_file, "test": test_file}
     return {
         "files": {split: path for split, path in files.items() if path},
         "texts": texts,
         "label": "label",
-        "classes": [] if regression else sorted(values, key=int if numbers else str),
+        "classes": classes,
+        "label_ids": {name: i for i, name in enumerate(classes)},
         "metrics": ["pearson", "spearmanr"] if regression else ["accuracy", "f1_macro"],
         "predictions": "predictions",
     }
@@ -124,24 +131,36 @@ def strings(names):
 def tokenize(table, task, split, tokenizer, max_seq_length):
     """Tokenize a split in one batched `map`, whose result `datasets` caches on disk (keyed by
     the table, the tokenizer and max_seq_length). Labels become `labels`, as the models' forward
-    names them: class numbers (a file may also write a class by its number) or float scores."""
-    classes, label, path = task["classes"], task["label"], task["files"][split]
-    ids = {name: i for i, name in enumerate(classes)} | {str(i): i for i in range(len(classes))}
+    names them: class ids or float scores. A test split's labels are checked, then dropped."""
+    path, test = task["files"][split], split.startswith("test")
+    first_line = 1 if task.get("columns") and not test or path.endswith(".jsonl") else 2
 
-    def encode(rows):
+    def label(value, row):
+        """A label's class id or score; an error naming its row if it is neither."""
+        if test and not value:
+            return None  # a test file may leave its labels out
+        if task["classes"] and value in task["label_ids"]:
+            return task["label_ids"][value]
+        if not task["classes"] and NUMBER.fullmatch(value or ""):
+            return float(value)
+        where = f"item {row + 1}" if path.endswith(".json") else f"line {row + first_line}"
+        kind = f"a class of the training set {task['classes']}" if task["classes"] else "a number"
+        what = f"the label {value!r} is not {kind}" if value else "the label is empty"
+        raise ValueError(f"{path}, {where}: {what}: fix the row")
+
+    def encode(rows, indices):
         texts = [rows[column] for column in task["texts"]]
         encoded = tokenizer(*texts, truncation=True, max_length=max_seq_length)
-        if label in rows and not split.startswith("test"):
-            encoded["labels"] = [ids[value] if classes else float(value) for value in rows[label]]
+        if task["label"] in rows:
+            values = zip(rows[task["label"]], indices, strict=True)
+            labels = [label(value, row) for value, row in values]  # checked in a test split too
+            if not test:
+                encoded["labels"] = labels
         return encoded
 
-    try:  # a test split keeps its ids, for the predictions file
-        removed = [column for column in table.column_names if column != "index"]
-        return table.map(encode, batched=True, remove_columns=removed)
-    except KeyError as error:
-        raise ValueError(f"{path}: label {error} is not a class ({classes})") from None
-    except ValueError as error:
-        raise ValueError(f"{path}: a score is not a number ({error})") from None
+    # A test split keeps its ids, for the predictions file.
+    removed = [column for column in table.column_names if column != "index"]
+    return table.map(encode, batched=True, with_indices=True, remove_columns=removed)
 
 
 def lengths(table):

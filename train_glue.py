@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import fcntl
 import functools
-import json
 import math
 import os
 import re
@@ -115,13 +114,20 @@ def load_model(args, task):
         )
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot load model {path} ({trainer.first_line(error)})") from None
+    if tokenizer.pad_token is None:  # GPT-2 style: pad with end-of-text, as HF's examples do
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise ValueError(f"{path}'s tokenizer has no pad token nor end-of-text token: add one")
+    model.config.pad_token_id = tokenizer.pad_token_id  # a GPT-2 head reads the last non-pad
     if len(tokenizer) < model.config.vocab_size / 2:  # most embeddings never used: not its own
         raise ValueError(f"{path} has another tokenizer than its model's: save the model's there")
     # What the model can embed: its position table, less the rows before the first position
     # (RoBERTa's has 514 and starts at 2); room for [CLS], [SEP] and a token of each text.
     table = getattr(getattr(model.base_model, "embeddings", None), "position_embeddings", None)
     start = 0 if table is None or table.padding_idx is None else table.padding_idx + 1
-    longest = tokenizer.model_max_length if table is None else table.num_embeddings - start
+    rows = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions too
+    rows = rows if table is None else table.num_embeddings
+    longest = rows - start if rows else tokenizer.model_max_length
     shortest = tokenizer.num_special_tokens_to_add(len(task["texts"]) == 2) + len(task["texts"])
     if not shortest <= args.max_seq_length <= longest:
         raise ValueError(f"--max_seq_length must be in [{shortest}, {longest}] for this model")
@@ -144,13 +150,16 @@ def run(args, stop_requested):
     total_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
     if warmup_steps >= total_steps:
-        raise ValueError(f"a warmup of {warmup_steps} steps fills all {total_steps}: shorten it")
+        raise trainer.AllRanksError(f"a warmup of {warmup_steps} fills all {total_steps} steps")
     optimizer = trainer.build_optimizer(model, args.learning_rate, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # fp16's range needs it
     progress, flags, lock = resume_or_start(args, model, optimizer, scaler, train_set, total_steps)
-    autocast = torch.autocast(device.type, torch.bfloat16 if args.bf16 else torch.float16)
-    autocast = autocast if args.bf16 or args.fp16 else contextlib.nullcontext()
+    dtype = torch.bfloat16 if args.bf16 else torch.float16
+    autocast = functools.partial(torch.autocast, device.type, dtype)  # a fresh context each use
+    autocast = autocast if args.bf16 or args.fp16 else contextlib.nullcontext
     evaluate_now = functools.partial(evaluate, args, task, tokenizer, splits, autocast)
+    if stop_requested.is_set():  # a stop during start-up whose KeyboardInterrupt a library ate
+        raise KeyboardInterrupt
     TRAINING.set()
     summary = trainer.train(
         model,
@@ -178,7 +187,6 @@ def run(args, stop_requested):
     if summary["stopped"] and trainer.RANK == 0:
         print(f"stopped: {summary['step']} steps done; continue with --resume_from_checkpoint auto")
     elif not summary["stopped"]:
-        summary["final"] = summary["final"] or evaluate_now(model, summary["step"])
         write_final_outputs(args, task, model, tokenizer, splits, summary, autocast)
     return summary["stopped"]
 
@@ -227,7 +235,7 @@ def load(args):
                 error = load_error
         trainer.check_all_ranks(error)  # every rank stops on any rank's error
     if len(splits["train"]) < trainer.WORLD_SIZE:
-        raise ValueError(f"{len(splits['train'])} training examples cannot feed every rank")
+        raise trainer.AllRanksError(f"{len(splits['train'])} examples cannot feed every rank")
     return device, task, tokenizer, model.to(device), splits
 
 
@@ -238,13 +246,13 @@ def resume_or_start(args, model, optimizer, scaler, train_set, total_steps):
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * trainer.WORLD_SIZE
     flags |= {"global_batch_size": batch, "train_data": data.fingerprint(train_set)}
     if len(set(trainer.all_gather(flags["train_data"]))) > 1:  # each node reads its own files
-        raise ValueError("the ranks read different training data: give every node the same")
+        raise trainer.AllRanksError("ranks read different training data: give every node the same")
     resume_from = args.output_dir if args.resume_from_checkpoint else None
     progress, notes = trainer.start_or_resume(
         model, optimizer, scaler, resume_from, flags, MUST_MATCH
     )
     if progress["step"] > total_steps:
-        raise ValueError(f"the checkpoint is at step {progress['step']}, past the {total_steps}")
+        raise trainer.AllRanksError(f"checkpoint at step {progress['step']} is past {total_steps}")
     error, lock = None, None
     if trainer.RANK == 0:  # the first writes, after every check
         try:
@@ -278,7 +286,7 @@ def predict(args, model, tokenizer, table, autocast):
     outputs = []
     for start in range(0, len(mine), batch_size):
         batch = data.collate(table[mine[start : start + batch_size].tolist()], tokenizer)
-        with autocast:
+        with autocast():
             outputs.append(model(**trainer.to_device(batch, device)).logits.float().cpu())
     logits = torch.zeros(len(table), model.config.num_labels)
     for indices, values in trainer.all_gather((mine, torch.cat(outputs) if outputs else None)):
@@ -288,18 +296,15 @@ def predict(args, model, tokenizer, table, autocast):
 
 
 def evaluate(args, task, tokenizer, splits, autocast, model, step):
-    """The task's metrics on each dev split, computed on every rank, logged by rank 0."""
+    """The task's metrics on each dev split, computed on every rank."""
     scores = {}
     for name, table in splits.items():
         if name.startswith("dev"):
             predictions = predict(args, model, tokenizer, table, autocast)
             prefix = "" if name == "dev" else name[4:] + "_"  # MNLI's two: matched_, mismatched_
             for metric in task["metrics"]:
-                score = getattr(metrics, metric)(predictions.numpy(), np.asarray(table["labels"]))
-                scores[prefix + metric] = score
-    if trainer.RANK == 0:
-        trainer.append_log(args.output_dir, {"step": step, "eval": scores})
-        print(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+                labels = np.asarray(table["labels"])
+                scores[prefix + metric] = getattr(metrics, metric)(predictions.numpy(), labels)
     return scores
 
 
@@ -310,13 +315,16 @@ def save_model(model, tokenizer, path, record):
         os.replace(path + ".old", path)
     for leftover in (path + ".tmp", path + ".old"):  # what a failed or killed save left
         shutil.rmtree(leftover, ignore_errors=True)
-    model.save_pretrained(path + ".tmp")
-    tokenizer.save_pretrained(path + ".tmp")
-    with open(f"{path}.tmp/eval.json", "w") as f:
-        json.dump(record, f, indent=2)
-    for name in os.listdir(path + ".tmp"):  # on disk before the renames make them visible
-        with open(os.path.join(path + ".tmp", name), "rb+") as f:
-            os.fsync(f.fileno())
+    try:
+        model.save_pretrained(path + ".tmp")
+        tokenizer.save_pretrained(path + ".tmp")
+        with open(f"{path}.tmp/eval.json", "w") as f:
+            f.write(trainer.to_json(record, indent=2))
+        for name in os.listdir(path + ".tmp"):  # on disk before the renames make them visible
+            with open(os.path.join(path + ".tmp", name), "rb+") as f:
+                os.fsync(f.fileno())
+    except Exception as error:  # a full disk, in whatever type the library raises it
+        raise OSError(f"could not write {path} ({trainer.first_line(error)})") from error
     if os.path.exists(path):
         os.replace(path, path + ".old")
     os.replace(path + ".tmp", path)
@@ -339,9 +347,10 @@ def write_final_outputs(args, task, model, tokenizer, splits, summary, autocast)
             trainer.write_atomically(path, lambda f, text=text: f.write(text.encode()))
     if trainer.RANK != 0:
         return
-    keys = ["step", "skipped_steps", "train_samples_per_second"]
     record = {"task": args.task_name or args.train_file, "model": args.model_name_or_path}
-    record |= {key: summary[key] for key in keys} | {"eval": summary["final"]}
+    record |= {key: summary[key] for key in ["step", "skipped_steps"]}
+    record["train_samples_per_second"] = summary["examples"] / max(summary["seconds"], 1e-9)
+    record["eval"] = summary["final"]
     save_model(model, tokenizer, os.path.join(args.output_dir, "final"), record)
     print("done: " + "  ".join(f"{k} {v:.4f}" for k, v in summary["final"].items()), flush=True)
 
@@ -356,9 +365,10 @@ def main(argv=None):
         aborts; under torchrun one arrives twice (terminal, torchrun), a second apart at most."""
         now, presses = time.monotonic(), [t for s, t in received if s == signal.SIGINT]
         received.append((signum, now))
-        if not TRAINING.is_set() or signum == signal.SIGINT and any(now - t > 1 for t in presses):
-            raise KeyboardInterrupt
         stop_requested.set()
+        if not TRAINING.is_set() or signum == signal.SIGINT and any(now - t > 1 for t in presses):
+            ignore_signals()  # stopping at once: further interrupts change nothing
+            raise KeyboardInterrupt
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
@@ -372,12 +382,20 @@ def main(argv=None):
     except Exception as error:  # one line; --debug shows the traceback
         if args.debug:
             raise
-        if trainer.LOCAL_RANK == 0:  # once per machine: every rank meets the same error
+        # An error every rank raised together is printed once per machine; one that this rank
+        # met alone (running out of memory, say) by this rank, or nobody would see it.
+        if trainer.LOCAL_RANK == 0 or not isinstance(error, trainer.AllRanksError):
             print(f"error: {trainer.first_line(error)}", file=sys.stderr)
     finally:
+        ignore_signals()  # the status is decided: a signal now would end the process without it
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     sys.exit(status)
+
+
+def ignore_signals():
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

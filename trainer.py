@@ -51,16 +51,25 @@ def all_gather(obj):
     return gathered
 
 
+class AllRanksError(ValueError):
+    """An error every rank raises together: report it once per machine, not once per rank."""
+
+
 def check_all_ranks(error):
     """Every rank raises the first error any rank met in this phase, so none waits for the rest."""
     errors = [message for message in all_gather(error and str(error)) if message]
     if errors:
-        raise ValueError(errors[0])
+        raise AllRanksError(errors[0])
 
 
 def to_device(batch, device):
-    """A batch of CPU tensors on the device (the same tensors on the CPU)."""
-    return {key: value.to(device) for key, value in batch.items()}
+    """The tensors of a batch, nested in dicts, lists and tuples (as a DataLoader's collate gives
+    them), on the device; anything else as it is."""
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch.to(device) if isinstance(batch, torch.Tensor) else batch
 
 
 # === 2. One training step ========================================================================
@@ -79,7 +88,9 @@ def build_optimizer(model, learning_rate, weight_decay):
 
 def learning_rate_at(updates, peak, warmup_steps, total_steps):
     """The rate after `updates` applied updates: a linear warmup from 0 to the peak, then a linear
-    decay to 0 at total_steps. A function of the count alone: a resume has nothing to restore."""
+    decay to 0 at total_steps. A function of the count alone: a resume has nothing to restore.
+    Skipped steps (non-finite gradients) are no updates, as in Hugging Face's Trainer: after k of
+    them the last step's rate is k/(total_steps - warmup_steps) of the peak, not 0."""
     if updates < warmup_steps:
         return peak * updates / warmup_steps
     return peak * max(0.0, 1 - (updates - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -91,8 +102,10 @@ def train_step(
     """One optimizer step at learning rate `lr` over this rank's micro-batches (on the device).
 
     loss_fn(model, batch) returns a micro-batch's loss *summed* over its examples, and
-    examples_in_step counts the examples of the whole step on all ranks. Returns (this rank's
-    summed loss as a device tensor, the gradient norm before clipping, whether it was applied).
+    examples_in_step counts the examples of the whole step on all ranks. autocast() makes a fresh
+    context for each forward: functools.partial(torch.autocast, "cuda", torch.bfloat16), or
+    contextlib.nullcontext for fp32. Returns (this rank's summed loss as a device tensor, the
+    gradient norm before clipping, whether it was applied).
     """
     # Each summed loss is divided by the examples of the whole step, so the gradients add up to
     # the mean over exactly this step's examples, however they are split into ranks and
@@ -107,7 +120,7 @@ def train_step(
         with contextlib.nullcontext() if WORLD_SIZE == 1 or last else model.no_sync():
             # autocast covers the forward and the loss: matmuls in bf16/fp16, range-sensitive ops
             # in fp32. The backward stays outside: each op's backward runs in its forward's dtype.
-            with autocast:
+            with autocast():
                 loss = loss_fn(model, batch)
             # fp16 gradients below ~6e-8 underflow to zero, so the scaler multiplies the loss by
             # a large factor first (without fp16 it is disabled and does nothing).
@@ -134,11 +147,17 @@ def train_step(
 
 
 def epoch_plan(num_examples, epoch, *, batch_size, accumulation, seed, lengths):
-    """This rank's work for one epoch: a list of steps, each (the examples in the step on all
-    ranks, [this rank's micro-batches as lists of example indices]). The order depends only on
-    (seed, epoch) and the global batch, never on how that is split into ranks and micro-batches:
+    """This rank's work for one epoch: a list of steps, each (the number of examples in the step
+    on all ranks, [this rank's micro-batches as lists of example indices]). The order depends only
+    on (seed, epoch) and the global batch, never on how that is split into ranks and micro-batches:
     every rank derives it alone, and a resumed run rebuilds it. Given `lengths`, steps hold
-    examples of similar length, the longest first: running out of memory shows at once."""
+    examples of similar length, the longest first: running out of memory shows at once.
+
+    For example, 100 examples, batch_size 8, accumulation 2, two ranks, no lengths; `order` is the
+    epoch's shuffle. A step takes 8 x 2 x 2 = 32 examples: three full steps, then a short one of
+    the last 4. The first step, order[0:32], is cut into four micro-batches of 8: rank 0 trains on
+    order[0:8] then order[16:24], rank 1 on order[8:16] then order[24:32]. The short step is one
+    micro-batch on each rank: order[96:98] on rank 0, order[98:100] on rank 1."""
     generator, world_size = np.random.default_rng([seed, epoch]), WORLD_SIZE
     order = generator.permutation(num_examples)
     step_size = batch_size * accumulation * world_size
@@ -154,10 +173,11 @@ def epoch_plan(num_examples, epoch, *, batch_size, accumulation, seed, lengths):
         steps.insert(0, steps.pop(longest))
     plan = []
     for step in steps + short:
-        # A short step keeps batch_size per micro-batch but takes fewer, split evenly so that
-        # every rank runs the same number of forward/backward passes (DDP requires it).
+        # As many micro-batches as batch_size needs (a short step needs fewer), the same number on
+        # every rank (DDP requires it), their sizes evened by array_split: a short step of 20
+        # examples at batch 8 on one rank gives 7, 7 and 6.
         micro_steps = min(math.ceil(len(step) / (batch_size * world_size)), len(step) // world_size)
-        pieces = np.array_split(step, micro_steps * world_size)  # rank r takes every r-th
+        pieces = np.array_split(step, micro_steps * world_size)  # rank r: pieces r, r + W, ...
         plan.append((len(step), [p.tolist() for p in pieces[RANK::world_size]]))
     return plan
 
@@ -187,15 +207,15 @@ def train(
     stop_requested,
 ):
     """Train from `progress` to total_steps. plan(epoch) gives this rank's steps (epoch_plan),
-    make_batch(indices) a batch of CPU tensors, learning_rate(updates) the rate; evaluate(model,
-    step) runs on every rank. Stops after a checkpoint once stop_requested (an Event) is set."""
+    make_batch(indices) a batch of CPU tensors, learning_rate(updates) the rate, evaluate(model,
+    step) scores to log, on every rank. Stops after a checkpoint once stop_requested is set."""
     device = next(model.parameters()).device
     # DDP all-reduces the gradients across ranks during backward, overlapped with it.
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if WORLD_SIZE > 1 else model
     plan = functools.lru_cache(maxsize=1)(plan)  # each epoch's plan is made once
-    steps_per_epoch, last_eval, stopped = len(plan(0)), None, False
+    steps_per_epoch, stopped = len(plan(0)), False
     window = torch.zeros((), device=device)  # the loss summed since the last log record
-    truncate_log(output_dir, progress["step"])  # the run's first write
+    last_eval = all_gather(truncate_log(output_dir, progress["step"]))[0]  # the first write
     while progress["step"] < total_steps and not stopped:
         model.train()  # dropout on: a model may come in eval mode, and evaluate() may leave it so
         started = time.perf_counter()
@@ -219,11 +239,12 @@ def train(
         if save or step % logging_steps == 0:  # a save closes the log window
             window = log(output_dir, window, progress, optimizer, grad_norm)
         if step == total_steps or step % eval_steps == 0:
-            last_eval = evaluate(model, step)  # the plain model: DDP's hooks are for training
+            last_eval = log_evaluation(output_dir, step, evaluate(model, step))  # the plain model
         if save:
             save_checkpoint(output_dir, model, optimizer, scaler, progress, flags)
-    speed = progress["examples"] / progress["seconds"] if progress["seconds"] else 0.0
-    return dict(progress, stopped=stopped, final=last_eval, train_samples_per_second=speed)
+    if last_eval is None and not stopped:  # resumed at the end, no evaluation logged there
+        last_eval = log_evaluation(output_dir, progress["step"], evaluate(model, progress["step"]))
+    return dict(progress, stopped=stopped, final=last_eval)
 
 
 def count_step(progress, update_applied, examples, seconds):
@@ -234,7 +255,7 @@ def count_step(progress, update_applied, examples, seconds):
     progress["skipped_steps"] += not update_applied
     progress["nonfinite_streak"] = 0 if update_applied else progress["nonfinite_streak"] + 1
     if progress["nonfinite_streak"] == 10:
-        raise ValueError(
+        raise AllRanksError(
             f"10 steps in a row up to step {progress['step']} had non-finite gradients: lower "
             "the learning rate, use bf16 rather than fp16, or check the data"
         )
@@ -262,9 +283,23 @@ def log(output_dir, window, progress, optimizer, grad_norm):
     return torch.zeros_like(window)
 
 
+def log_evaluation(output_dir, step, scores):
+    if RANK == 0:
+        append_log(output_dir, {"step": step, "eval": scores})
+        print(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+    return scores
+
+
 def append_log(output_dir, record):
+    """log.jsonl is appended to in place: a line that a kill cuts short is dropped at the next
+    start (truncate_log)."""
     with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(to_json(record) + "\n")
+
+
+def to_json(record, indent=None):
+    """JSON with null for a NaN or infinite number, which JSON has no word for (jq, JavaScript)."""
+    return json.dumps(json.loads(json.dumps(record), parse_constant=lambda _: None), indent=indent)
 
 
 # === 5. Checkpoints and resume ===================================================================
@@ -277,8 +312,14 @@ def append_log(output_dir, record):
 
 def start_or_resume(model, optimizer, scaler, output_dir, flags, must_match):
     """Load the newest checkpoint in output_dir (None: start afresh) into the freshly built
-    objects, or start afresh when there is none; writes nothing. flags: the run's settings as plain
-    values, "seed" among them. Returns (progress, notes): where the run stands, what to tell."""
+    objects, or start afresh when there is none; writes nothing. flags: the run's settings as
+    plain values (str, int, float, bool, None), "seed" among them; must_match: the names of those
+    that make it another run. Returns (progress, notes): where the run stands, what to tell."""
+    for name, value in flags.items():  # torch.load(weights_only=True) reads nothing else back
+        if type(value) not in (str, int, float, bool, type(None)):
+            raise ValueError(f"flags[{name!r}] is a {type(value).__name__}: give a plain value")
+    if unknown := set(must_match) - set(flags):
+        raise ValueError(f"must_match names {sorted(unknown)}, which flags does not have")
     torch.manual_seed(flags["seed"] + RANK * 2**32)  # every rank its own dropout stream, every GPU
     path, checkpoint, notes = choose_checkpoint(output_dir)
     if checkpoint is None:
@@ -288,7 +329,7 @@ def start_or_resume(model, optimizer, scaler, output_dir, flags, must_match):
     changed = {k: f"{k} {saved.get(k)!r} -> {v!r}" for k, v in flags.items() if saved.get(k) != v}
     refused = [change for name, change in changed.items() if name in must_match]
     if refused:  # the flags that changed say why
-        raise ValueError(
+        raise AllRanksError(
             f"cannot resume {path}: it is another run ({'; '.join(refused)}; changed: "
             f"{', '.join(changed)}): start in another output dir"
         )
@@ -299,7 +340,7 @@ def start_or_resume(model, optimizer, scaler, output_dir, flags, must_match):
         optimizer.load_state_dict(state)
         scaler.load_state_dict(checkpoint["scaler"])
     except (RuntimeError, ValueError, KeyError) as error:
-        raise ValueError(f"{path} does not fit this model ({first_line(error)})") from None
+        raise AllRanksError(f"{path} does not fit this model ({first_line(error)})") from None
     progress = checkpoint["progress"]
     # Each rank continues its own random stream. Under another world size (the same global batch,
     # which must_match should hold: the same data order) the streams start afresh, seeded above.
@@ -325,7 +366,7 @@ def list_checkpoints(output_dir):
 def choose_checkpoint(output_dir):
     """(path, state, warnings) of the newest checkpoint in output_dir that loads, skipping broken
     ones, or (None, None, []) when there is none: the same on every rank, or one error on all."""
-    path, state, skipped, checkpoints = None, None, [], list_checkpoints(output_dir)
+    path, state, reasons, checkpoints = None, None, [], list_checkpoints(output_dir)
     for _, path in checkpoints:
         try:
             # weights_only: a checkpoint is data, and unpickling arbitrary objects runs their code.
@@ -336,13 +377,14 @@ def choose_checkpoint(output_dir):
             raise KeyError("keys are missing")
         except Exception as error:
             state = None
-            skipped.append(f"warning: skipping {path}, not a checkpoint ({first_line(error)})")
+            reasons.append(f"{os.path.basename(path)}: {first_line(error)}")
     broken = checkpoints and state is None  # never restart a run whose checkpoints all broke
-    check_all_ranks(f"no checkpoint in {output_dir} loads: fix or remove them" if broken else None)
+    reason = f"no checkpoint in {output_dir} loads, fix or remove them: {'; '.join(reasons)}"
+    check_all_ranks(reason if broken else None)
     paths = all_gather(path if state is not None else None)
     if len(set(paths)) > 1:  # a node that sees other files than rank 0
-        raise ValueError(f"the ranks see different checkpoints {paths}: give every node the same")
-    return paths[0], state, skipped
+        raise AllRanksError(f"ranks see different checkpoints {paths}: give every node the same")
+    return paths[0], state, [f"warning: skipping {output_dir}/{reason}" for reason in reasons]
 
 
 def save_checkpoint(output_dir, model, optimizer, scaler, progress, flags):
@@ -385,15 +427,20 @@ def write_atomically(path, write):
 
 def truncate_log(output_dir, step):
     """Before a run writes its first record: drop those past `step` (a resumed run redoes those
-    steps, and each step appears once) and any line that a kill cut short. Rank 0 writes."""
+    steps, and each step appears once) and any line that a kill cut short. Rank 0 writes, and
+    gets the scores of an evaluation logged at `step`, if there is one."""
     if RANK != 0:
-        return
+        return None
     os.makedirs(output_dir, exist_ok=True)
-    path, kept = os.path.join(output_dir, "log.jsonl"), []
+    path, kept, scores = os.path.join(output_dir, "log.jsonl"), [], None
     with open(path, "a+") as f:
         f.seek(0)
         for line in f:
             with contextlib.suppress(ValueError, KeyError, TypeError):
-                if line.endswith("\n") and json.loads(line)["step"] <= step:
+                record = json.loads(line)
+                if line.endswith("\n") and record["step"] <= step:
                     kept.append(line)
+                    if record["step"] == step and "eval" in record:
+                        scores = record["eval"]
     write_atomically(path, lambda f: f.write("".join(kept).encode()))
+    return scores and {k: math.nan if v is None else v for k, v in scores.items()}  # null: NaN

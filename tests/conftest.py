@@ -54,6 +54,27 @@ def tiny_model_dropout(tmp_path_factory):
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny-bert-dropout")), dropout=0.1)
 
 
+@pytest.fixture
+def bf16_anywhere(monkeypatch):
+    """Lets --bf16 run in this process on a CPU that only emulates it (refused otherwise, as too
+    slow): the bf16 path is still tested here, on a few steps of a tiny model."""
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """train_glue.main ignores SIGINT and SIGTERM once its exit status is decided: undo that
+    after a test that ran it in this process, or later subprocesses would inherit it."""
+    import signal
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
+
+
 def launch_command(torchrun=0, extra_launcher=()):
     """`python`, or torchrun with `torchrun` processes on this machine."""
     if not torchrun:

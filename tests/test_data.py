@@ -66,7 +66,7 @@ RTE_HEADER = "index\tsentence1\tsentence2\tlabel\n"
     "text,message",
     [
         (RTE_HEADER + "0\ta\tb\tentailment\n1\ta\tb\tc\td\n", "Expected 4 fields in line 3, saw 5"),
-        (RTE_HEADER + "0\ta\tb\tmaybe\n", "label 'maybe' is not a class"),
+        (RTE_HEADER + "0\ta\tb\tmaybe\n", "train.tsv, line 2: the label 'maybe' is not a class"),
         (RTE_HEADER, "no data rows"),
         ("index\tsentence1\tlabel\n0\ta\tentailment\n", "has no column 'sentence2'"),
     ],

@@ -159,8 +159,10 @@ def test_kill_9_many_times(clean_run, tiny_model_dropout, tmp_path, seed):
     assert_same_run(clean_run, str(tmp_path / "run"))
 
 
+# Two of the four in the default run, one per signal; all four with `-m slow` too.
 @pytest.mark.parametrize("stop_signal,world_size", [
-    (signal.SIGTERM, 0), (signal.SIGTERM, 2), (signal.SIGINT, 0), (signal.SIGINT, 2)])  # fmt: skip
+    pytest.param(signal.SIGTERM, 0, marks=pytest.mark.slow), (signal.SIGTERM, 2), (signal.SIGINT, 0),
+    pytest.param(signal.SIGINT, 2, marks=pytest.mark.slow)])  # fmt: skip
 def test_sigterm_and_ctrl_c_checkpoint_exit_and_resume_without_losing_a_step(
     clean_run, tiny_model_dropout, tmp_path, stop_signal, world_size
 ):
@@ -271,6 +273,77 @@ def test_a_stop_during_start_up_ends_the_run_at_once_and_writes_nothing(
     assert "stopped at once" in process.stderr_text() and not os.path.exists(out)
 
 
+def handlers_installed(pid):
+    """Whether train_glue.main has set its SIGTERM handler (the one after its SIGINT handler)."""
+    with open(f"/proc/{pid}/status") as f:
+        caught = int(re.search(r"SigCgt:\s*([0-9a-f]+)", f.read()).group(1), 16)
+    return caught & 1 << (signal.SIGTERM - 1)
+
+
+@pytest.mark.parametrize("when,signum,status", [("start-up", signal.SIGINT, 130),
+                                                 ("training", signal.SIGTERM, 143)])  # fmt: skip
+def test_signals_sent_again_and_again_while_stopping_change_nothing(
+    tiny_model, tmp_path, when, signum, status
+):
+    """Once stopping, further signals change nothing: no KeyboardInterrupt out of the except
+    block, no death by the signal while the interpreter shuts down."""
+    for attempt in range(2):
+        out = str(tmp_path / f"run{attempt}")
+        process = start(train_args(tiny_model, out, "--num_train_epochs", 100))
+        while not handlers_installed(process.pid):
+            assert process.poll() is None, process.stderr_text()
+            time.sleep(0.01)
+        if when == "training":
+            wait_for_step(out, 1, process)
+        while process.poll() is None:
+            process.send_signal(signum)
+            time.sleep(0.005)
+        console = process.stderr_text()
+        assert process.returncode == status, (process.returncode, console[-2000:])
+        assert "Traceback" not in console
+
+
+def test_a_second_launch_into_a_running_runs_output_dir_is_refused(tiny_model, tmp_path):
+    out = str(tmp_path / "run")
+    first = start(train_args(tiny_model, out, "--num_train_epochs", 100))
+    try:
+        wait_for_step(out, 2, first)
+        second = run_cli(train_args(tiny_model, out, "--num_train_epochs", 100, "--resume_from_checkpoint",
+                                    "auto"), check=False)  # fmt: skip
+        assert second.returncode == 1 and first.poll() is None
+        assert f"is in use by another run (process {first.pid})" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 143
+
+
+def test_an_error_that_one_rank_meets_alone_is_printed(tiny_model, tmp_path):
+    """Running out of memory on rank 1 alone: rank 1 says so, not only the rank it left waiting."""
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(f"""import sys
+sys.path.insert(0, {ROOT!r})
+import trainer, train_glue
+real_step = trainer.train_step
+def train_step(*args, **kwargs):
+    if trainer.RANK == 1:
+        raise RuntimeError("out of memory on rank 1 (a stand-in)")
+    return real_step(*args, **kwargs)
+trainer.train_step = train_step
+train_glue.main()
+""")
+    command = [
+        *launch_command(torchrun=2),
+        str(script),
+        *map(str, train_args(tiny_model, str(tmp_path / "run"))),
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode != 0
+    assert "error: out of memory on rank 1 (a stand-in)" in result.stderr.splitlines(), (
+        result.stderr[-3000:]
+    )
+
+
 @pytest.mark.slow  # torch's restarted gloo group sometimes fails to connect here; 3 restarts ride it out (README)
 def test_torchrun_restarts_after_a_rank_dies_and_resumes(tiny_model, tmp_path):
     def args(out):
@@ -331,7 +404,7 @@ def test_a_broken_newest_checkpoint_is_skipped_for_the_newest_good_one(
     train_in_process(tiny_model, out, *SHORT, "--max_steps", 6, "--save_steps", 2,
                      "--resume_from_checkpoint", "auto")  # fmt: skip
     console = capsys.readouterr().out
-    assert re.search(r"warning: skipping .*checkpoint-6.pt, not a checkpoint", console)
+    assert re.search(r"warning: skipping .*/checkpoint-6.pt: ", console)
     assert "resuming from" in console and "checkpoint-4.pt (step 4)" in console
     assert trainer.choose_checkpoint(out)[1]["progress"]["step"] == 6  # replaced
     assert sorted(os.listdir(out)) == [

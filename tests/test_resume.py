@@ -51,7 +51,9 @@ def test_changed_settings_on_resume_are_applied_and_said(tiny_model, tmp_path, c
         (["--bf16"], "bf16 False -> True"),
     ],
 )
-def test_a_resume_that_would_train_another_run_is_refused(tiny_model, tmp_path, change, message):
+def test_a_resume_that_would_train_another_run_is_refused(
+    tiny_model, tmp_path, change, message, bf16_anywhere
+):
     out = train_in_process(tiny_model, str(tmp_path / "run"), *RUN, "--max_steps", 2)
     before = sorted(os.listdir(out)), open(f"{out}/log.jsonl").read()
     with pytest.raises(ValueError, match=f"cannot resume .*another run .*{message}"):
@@ -99,12 +101,19 @@ def test_each_step_is_logged_once_after_a_resume_whatever_the_log_holds(tiny_mod
     assert records(out) == records(straight)
 
 
-def test_resuming_a_finished_run_evaluates_and_exits_cleanly(tiny_model, tmp_path):
+def test_relaunching_a_finished_run_logs_each_step_once_and_writes_final(tiny_model, tmp_path):
     out = train_in_process(tiny_model, str(tmp_path / "run"), *RUN, "--max_steps", 2)
-    shutil.rmtree(f"{out}/final")
+    log = read_log(out)
+    train_in_process(tiny_model, out, *RUN, "--max_steps", 2, *AUTO)  # finished: relaunched
+    shutil.rmtree(f"{out}/final")  # killed after its last checkpoint, before final/
     train_in_process(tiny_model, out, *RUN, "--max_steps", 2, *AUTO)
     results = json.load(open(f"{out}/final/eval.json"))
-    assert results["step"] == 2 and results["eval"]["accuracy"] >= 0
+    assert results["step"] == 2 and results["eval"] == log[-1]["eval"]
+    assert read_log(out) == log and [(r["step"], "eval" in r) for r in log] == [
+        (1, False),
+        (2, False),
+        (2, True),
+    ]
 
 
 def failing_save_pretrained(monkeypatch, failing_folder):
@@ -124,7 +133,7 @@ def test_a_failing_write_of_final_keeps_the_previous_one(tiny_model, tmp_path, m
     out = train_in_process(tiny_model, str(tmp_path / "run"), *RUN, "--max_steps", 2)
     previous = model_weights(f"{out}/final")
     failing_save_pretrained(monkeypatch, "final")
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(OSError, match=f"could not write {out}/final .*No space left on device"):
         train_in_process(tiny_model, out, *RUN, "--max_steps", 4, *AUTO)
     assert model_weights(f"{out}/final").keys() == previous.keys()  # whole, and loadable
     monkeypatch.undo()

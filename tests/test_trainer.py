@@ -2,9 +2,11 @@
 and loss. The README's example is `main` below, run as a script by the first test."""
 
 import contextlib
+import functools
 import inspect
 import math
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -22,15 +24,17 @@ from conftest import ROOT, read_log
 
 def main(output_dir):
     """A small regression network trained with trainer.py alone: a checkpoint every 50 steps,
-    a stop on SIGTERM (after a checkpoint), a resume from the newest checkpoint at the next start."""
-    torch.manual_seed(0)  # the data and the initial weights
+    a stop on SIGTERM (after a checkpoint), a resume from the newest checkpoint at the next start.
+    Runs as `python` or as `torchrun --nproc_per_node=N`."""
+    device = trainer.setup_distributed()  # under torchrun: join its process group
+    torch.manual_seed(0)  # the data and the initial weights, the same on every rank
     inputs = torch.randn(4096, 32)
     targets = inputs @ torch.randn(32, 1) + 0.1 * torch.randn(4096, 1)
     model = torch.nn.Sequential(
         torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(256, 1)
-    )
+    ).to(device)
     optimizer = trainer.build_optimizer(model, learning_rate=1e-3, weight_decay=0.01)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)  # fp32: the scaler does nothing
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # fp32: the scaler does nothing
     # Saved in each checkpoint; a resume must match them (the global batch: the same data order).
     flags = {"seed": 0, "global_batch_size": 32 * trainer.WORLD_SIZE}
     # Resume from the newest checkpoint in output_dir, if there is one.
@@ -44,8 +48,7 @@ def main(output_dir):
     def evaluate(model, step):
         model.eval()
         with torch.no_grad():
-            mse = F.mse_loss(model(inputs[:512]), targets[:512]).item()
-        model.train()
+            mse = F.mse_loss(model(inputs[:512].to(device)), targets[:512].to(device)).item()
         return {"mse": mse}
 
     summary = trainer.train(
@@ -59,7 +62,7 @@ def main(output_dir):
         make_batch=lambda indices: {"x": inputs[indices], "y": targets[indices]},
         loss_fn=lambda model, batch: F.mse_loss(model(batch["x"]), batch["y"], reduction="sum"),
         learning_rate=lambda updates: trainer.learning_rate_at(updates, 1e-3, 100, 2000),
-        autocast=contextlib.nullcontext(),
+        autocast=contextlib.nullcontext,  # bf16: partial(torch.autocast, "cuda", torch.bfloat16)
         clip=1.0,
         evaluate=evaluate,
         output_dir=output_dir,
@@ -70,9 +73,11 @@ def main(output_dir):
         save_steps=50,
         stop_requested=stop,
     )
-    if not summary["stopped"]:
+    if not summary["stopped"] and trainer.RANK == 0:
         path = os.path.join(output_dir, "model.pt")
         trainer.write_atomically(path, lambda f: torch.save(model.state_dict(), f))
+    if trainer.WORLD_SIZE > 1:
+        torch.distributed.destroy_process_group()  # after every rank is done
 
 
 if __name__ == "__main__":
@@ -136,7 +141,7 @@ def plain_step(model, micro_batches, examples_in_step, optimizer, clip=math.inf)
         optimizer=optimizer,
         lr=0.1,
         scaler=torch.amp.GradScaler("cpu", enabled=False),
-        autocast=contextlib.nullcontext(),
+        autocast=contextlib.nullcontext,
         clip=clip,
     )
 
@@ -232,3 +237,150 @@ def test_the_step_with_the_longest_example_comes_first(monkeypatch):
     lengths[417] = 128
     for epoch in range(3):
         assert 417 in plan(monkeypatch, 500, 8, 1, 1, 0, 0, epoch, lengths)[0][1][0]
+
+
+def test_the_readme_example_runs_under_torchrun(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    result = subprocess.run([*command, __file__, str(tmp_path)], capture_output=True, text=True,
+                            env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    mse = [record["eval"]["mse"] for record in read_log(tmp_path) if "eval" in record]
+    assert len(mse) == 4 and mse[-1] < mse[0] and (tmp_path / "model.pt").exists()
+
+
+def small_run(output_dir, *, flags=None, must_match=(), make_batch=None, loss_fn=None,
+              autocast=contextlib.nullcontext, steps=3, model=None, scaler=None, stop=None):  # fmt: skip
+    """trainer.train on a linear regression, with the pieces a copier may pass differently."""
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(64, 4), torch.randn(64, 1)
+    model = model or torch.nn.Linear(4, 1)
+    optimizer = trainer.build_optimizer(model, 1e-2, 0.0)
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
+    flags = {"seed": 0} if flags is None else flags
+    progress, _ = trainer.start_or_resume(model, optimizer, scaler, output_dir, flags, must_match)
+    summary = trainer.train(
+        model, optimizer, scaler, progress,
+        plan=lambda epoch: trainer.epoch_plan(64, epoch, batch_size=8, accumulation=1, seed=0, lengths=None),
+        make_batch=make_batch or (lambda ids: {"x": inputs[ids], "y": targets[ids]}),
+        loss_fn=loss_fn or (lambda m, b: F.mse_loss(m(b["x"]), b["y"], reduction="sum")),
+        learning_rate=lambda updates: 1e-2, autocast=autocast, clip=1.0,
+        evaluate=lambda model, step: {"weight": model.weight.sum().item()},
+        output_dir=output_dir, flags=flags, total_steps=steps, logging_steps=1, eval_steps=100,
+        save_steps=100, stop_requested=stop or threading.Event(),
+    )  # fmt: skip
+    return model, scaler, summary
+
+
+def test_batches_may_be_tuples_and_autocast_any_context_factory(tmp_path):
+    """A DataLoader's collate gives tuples; a @contextmanager wrapper can be entered only once."""
+    entered = []
+
+    @contextlib.contextmanager
+    def counting_autocast():
+        entered.append(1)
+        yield
+
+    inputs, targets = torch.randn(64, 4), torch.randn(64, 1)
+    small_run(str(tmp_path), make_batch=lambda ids: (inputs[ids], [targets[ids]]),
+              loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1][0], reduction="sum"),
+              autocast=counting_autocast)  # fmt: skip
+    assert len(entered) == 3
+    batch = trainer.to_device((inputs, [targets], {"y": targets}, "text"), torch.device("meta"))
+    assert [batch[0].device, batch[1][0].device, batch[2]["y"].device] == [torch.device("meta")] * 3
+    assert type(batch) is tuple and type(batch[1]) is list and batch[3] == "text"
+
+
+@pytest.mark.parametrize("value", [pathlib.Path("runs/x"), np.int64(3), np.float64(0.5)])
+def test_a_flag_that_is_not_a_plain_value_is_refused_before_anything_is_written(tmp_path, value):
+    with pytest.raises(ValueError, match="flags\\['path'\\] is a .*: give a plain value"):
+        small_run(str(tmp_path / "run"), flags={"seed": 0, "path": value})
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_must_match_name_that_is_no_flag_is_an_error(tmp_path):
+    with pytest.raises(
+        ValueError, match="must_match names \\['sede'\\], which flags does not have"
+    ):
+        small_run(str(tmp_path), must_match=["sede"])
+
+
+def test_no_checkpoint_loads_says_why_for_each(tmp_path):
+    small_run(str(tmp_path), flags={"seed": 0, "note": "x"})  # checkpoint-3.pt
+    (tmp_path / "checkpoint-5.pt").write_bytes(b"not a checkpoint")
+    state = torch.load(tmp_path / "checkpoint-3.pt", weights_only=True)
+    del state["rng"]
+    torch.save(state, tmp_path / "checkpoint-3.pt")
+    with pytest.raises(ValueError) as error:
+        small_run(str(tmp_path), steps=6)
+    message = str(error.value)
+    assert "fix or remove them: checkpoint-5.pt: " in message
+    assert "; checkpoint-3.pt: 'keys are missing'" in message
+
+
+def test_a_run_relaunched_at_its_end_logs_each_evaluation_once(tmp_path):
+    small_run(str(tmp_path))  # 3 steps, evaluated at the last
+    small_run(str(tmp_path))  # relaunched: nothing left to do
+    steps = [(r["step"], "eval" in r) for r in read_log(tmp_path)]
+    assert steps == [(1, False), (2, False), (3, False), (3, True)]
+    stop, out = threading.Event(), str(tmp_path / "shortened")
+    stop.set()
+    small_run(out, steps=4, stop=stop)  # stops after step 1, with a checkpoint, unevaluated
+    for _ in range(2):  # relaunched as a 1-step run: evaluated at its end, once
+        _, _, summary = small_run(out, steps=1)
+    assert [(r["step"], "eval" in r) for r in read_log(out)] == [(1, False), (1, True)]
+    assert summary["final"] == read_log(out)[1]["eval"]
+
+
+def test_an_fp16_resume_restores_the_loss_scale_after_an_overflow(tmp_path):
+    """One example is huge: its step overflows fp16 and halves the scale. A resume from a
+    checkpoint after that must go on with the halved scale, as the straight run does."""
+    inputs, targets = torch.randn(64, 4), torch.randn(64, 1)
+    inputs[np.random.default_rng([0, 0]).permutation(64)[0]] = 3e4  # in the first step
+
+    def run(output_dir, stop_after=None):
+        torch.manual_seed(1)
+        model, scaler, stop = torch.nn.Linear(4, 1), torch.amp.GradScaler("cpu"), threading.Event()
+
+        def make_batch(ids):
+            if stop_after and len(seen) == stop_after:
+                stop.set()
+            seen.append(ids)
+            return {"x": inputs[ids], "y": targets[ids]}
+
+        seen = []
+        half = functools.partial(torch.autocast, "cpu", torch.float16)
+        return small_run(str(output_dir), make_batch=make_batch, autocast=half, steps=8,
+                         model=model, scaler=scaler, stop=stop)  # fmt: skip
+
+    straight_model, straight_scaler, _ = run(tmp_path / "straight")
+    _, _, summary = run(tmp_path / "resumed", stop_after=5)
+    saved = torch.load(tmp_path / "resumed" / f"checkpoint-{summary['step']}.pt", weights_only=True)
+    assert summary["stopped"] and saved["scaler"]["scale"] < 65536.0  # the overflow came before
+    model, scaler, _ = run(tmp_path / "resumed")
+    assert scaler.get_scale() == straight_scaler.get_scale()
+    assert torch.equal(model.weight, straight_model.weight)
+    assert torch.equal(model.bias, straight_model.bias)
+
+
+def test_steps_within_a_window_of_50_are_shuffled(monkeypatch):
+    """Sorted by length within each window of 50 steps, then shuffled: unshuffled, the steps
+    would run from the longest examples to the shortest, window after window."""
+    lengths = np.random.default_rng(4).integers(5, 200, 1600)
+    steps = plan(monkeypatch, 1600, 16, 1, 1, 0, 0, 0, lengths)
+    longest = [lengths[ids].max() for _, micro in steps[1:] for ids in micro]
+    falls = np.mean(np.diff(longest) < 0)
+    assert 0.3 < falls < 0.7  # about half, as in a random order; 1.0 unshuffled
+
+
+def test_the_docstring_example_of_the_epoch_plan(monkeypatch):
+    order = np.random.default_rng([0, 0]).permutation(100)
+    ranks = [plan(monkeypatch, 100, 8, 2, 2, rank, 0, 0, None) for rank in (0, 1)]
+    assert [examples for examples, _ in ranks[0]] == [32, 32, 32, 4]
+    assert ranks[0][0][1] == [order[0:8].tolist(), order[16:24].tolist()]
+    assert ranks[1][0][1] == [order[8:16].tolist(), order[24:32].tolist()]
+    assert ranks[0][-1][1] == [order[96:98].tolist()] and ranks[1][-1][1] == [
+        order[98:100].tolist()
+    ]
+    short = plan(monkeypatch, 20, 8, 4, 1, 0, 0, 0, None)  # the comment's short step
+    assert [len(ids) for ids in short[0][1]] == [7, 7, 6]

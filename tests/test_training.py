@@ -2,11 +2,13 @@
 exact resume with dropout on, the logged learning rate and evaluations, checkpoint rotation and
 the dtypes of what is saved."""
 
+import contextlib
 import json
 import math
 import shutil
 import threading
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -15,6 +17,7 @@ import data
 import train_glue
 from conftest import (
     GLUE,
+    SAMPLES,
     checkpoint_state,
     make_tiny_model,
     model_weights,
@@ -36,7 +39,9 @@ def batch_loss(model_dir, rows=32):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_one_step_changes_weights_and_lowers_loss_on_a_fixed_batch(tiny_model, tmp_path, precision):
+def test_one_step_changes_weights_and_lowers_loss_on_a_fixed_batch(
+    tiny_model, tmp_path, precision, bf16_anywhere
+):
     flags = {"fp32": [], "bf16": ["--bf16"], "fp16": ["--fp16"]}[precision]
     out = train_in_process(tiny_model, str(tmp_path / "run"), "--max_train_samples", 32, "--max_steps", 1,
                            "--learning_rate", 1e-3, "--weight_decay", 0, *flags)  # fmt: skip
@@ -115,16 +120,26 @@ def test_each_evaluation_is_logged_and_rotation_keeps_the_newest_two_checkpoints
                                                               "final", "log.jsonl"]  # fmt: skip
 
 
-def test_a_nan_score_is_reported_not_fatal(tiny_model, tmp_path, monkeypatch):
-    """STS-B's correlations are NaN while the predictions are constant."""
+def test_a_nan_score_is_reported_not_fatal_and_written_as_null(
+    tiny_model, tmp_path, monkeypatch, capsys
+):
+    """STS-B's correlations are NaN while the predictions are constant (or on one example)."""
     monkeypatch.setattr(train_glue.metrics, "accuracy", lambda *_: math.nan)
     out = train_in_process(
         tiny_model, str(tmp_path / "run"), "--max_train_samples", 16, "--max_steps", 1
     )
-    assert math.isnan(json.load(open(f"{out}/final/eval.json"))["eval"]["accuracy"])
+
+    def strict(text):  # JSON as jq and JavaScript read it: no NaN
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+
+    assert strict(open(f"{out}/final/eval.json").read())["eval"]["accuracy"] is None
+    assert [strict(line) for line in open(f"{out}/log.jsonl")][-1]["eval"]["accuracy"] is None
+    assert "step 1: accuracy nan" in capsys.readouterr().out
 
 
-def test_a_checkpoint_stored_in_bf16_trains_with_fp32_weights_and_optimizer_state(tmp_path):
+def test_a_checkpoint_stored_in_bf16_trains_with_fp32_weights_and_optimizer_state(
+    tmp_path, bf16_anywhere
+):
     """transformers loads weights in the dtype they were saved in; AdamW's small updates would
     vanish in bf16 master weights, so the trainer loads fp32 whatever it finds."""
     bf16_model = make_tiny_model(str(tmp_path / "bf16-model"), dropout=0.0, dtype=torch.bfloat16)
@@ -181,9 +196,17 @@ def test_own_files_train_evaluate_and_predict(tiny_model, tmp_path, kind, regres
         for i in range(24)
     ]
     files = [write_rows(tmp_path / f"{split}.{kind}", rows) for split in ("train", "dev")]
+    empty = None if kind.startswith("json") else ""  # a missing label, as each format writes it
     test = write_rows(
         tmp_path / f"test.{kind}",
-        [{"sentence1": r["sentence1"], "sentence2": r["sentence2"]} for r in rows[:7]],
+        [
+            {
+                "sentence1": r["sentence1"],
+                "sentence2": r["sentence2"],
+                "label": r["label"] if i else empty,
+            }
+            for i, r in enumerate(rows[:7])
+        ],  # a test file's labels are optional, and unused
     )
     out = str(tmp_path / "run")
     args = train_glue.parse_args(["--train_file", files[0], "--validation_file", files[1], "--test_file", test,
@@ -202,3 +225,86 @@ def test_own_files_train_evaluate_and_predict(tiny_model, tmp_path, kind, regres
     for line in lines[1:]:
         value = line.split("\t")[1]
         assert math.isfinite(float(value)) if regression else value in labels
+
+
+# Label schemes of everyday files: (format, the labels as the file writes them, in proportion).
+LABEL_SCHEMES = {
+    "words": ("csv", ["neg", "pos", "mixed"]),
+    "0/1": ("tsv", ["0", "1"]),
+    "1..5, unequal": ("csv", ["1", "5", "5", "2", "5", "3", "4", "5", "4"]),
+    "+1/-1": ("csv", ["+1", "-1", "-1"]),
+    "10/20/30": ("tsv", ["10", "20", "30"]),
+    "JSON ints": ("jsonl", [1, 2, 3, 3]),
+    "JSON booleans": ("json", [True, False, False]),
+}
+
+
+@pytest.mark.parametrize("scheme", LABEL_SCHEMES)
+def test_predictions_agree_with_the_reported_accuracy_on_every_label_scheme(
+    tiny_model, tmp_path, scheme
+):
+    """A class is its name as written: the dev set given again as the test file gets the
+    accuracy that final/eval.json reports, in the training labels as the file writes them."""
+    kind, labels = LABEL_SCHEMES[scheme]
+    rows = [
+        {"sentence1": f"w{i % 7} " * (1 + i % 5), "label": labels[i % len(labels)]}
+        for i in range(60)
+    ]
+    train, dev = (write_rows(tmp_path / f"{split}.{kind}", rows) for split in ("train", "dev"))
+    out = str(tmp_path / "run")
+    args = train_glue.parse_args(["--train_file", train, "--validation_file", dev, "--test_file", dev,
+                                  "--model_name_or_path", tiny_model, "--output_dir", out, "--max_steps", "4",
+                                  "--learning_rate", "1e-2", "--per_device_train_batch_size", "16"])  # fmt: skip
+    assert train_glue.run(args, threading.Event()) is False
+    written = [json.dumps(r["label"]) if kind.startswith("json") else r["label"] for r in rows]
+    predicted = [
+        line.split("\t")[1] for line in open(f"{out}/predictions.tsv").read().splitlines()[1:]
+    ]
+    assert set(predicted) <= set(written) and len(predicted) == len(written)
+    agreement = np.mean([p == w for p, w in zip(predicted, written, strict=True)])
+    assert json.load(open(f"{out}/final/eval.json"))["eval"]["accuracy"] == pytest.approx(agreement)
+
+
+def test_evaluation_runs_with_dropout_off(tiny_model_dropout):
+    """Two evaluations of the same weights, from a model left in training mode, agree."""
+    task = data.glue_task("stsb", SAMPLES)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dropout)
+    splits = {"dev": data.tokenize(data.read_split(task, "dev"), task, "dev", tokenizer, 128)}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dropout, num_labels=1, ignore_mismatched_sizes=True
+    )
+    args = train_glue.parse_args(
+        ["--task_name", "stsb", "--model_name_or_path", "m", "--output_dir", "x"]
+    )
+    scores = []
+    for _ in range(2):
+        model.train()
+        scores.append(
+            train_glue.evaluate(args, task, tokenizer, splits, contextlib.nullcontext, model, 0)
+        )
+    assert scores[0] == scores[1]
+
+
+def test_a_gpt2_style_model_without_a_pad_token_pads_with_end_of_text(tmp_path):
+    """GPT-2's tokenizer has no pad token: pad with <|endoftext|>, as Hugging Face's examples do,
+    and tell the model, which classifies each text by its last token that is not padding."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2Tokenizer, pipeline
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())} | {"<|endoftext|>": 256}
+    tokenizer = GPT2Tokenizer(vocab=vocab, merges=[])  # bytes only: no merges to learn
+    assert tokenizer.pad_token is None
+    config = GPT2Config(vocab_size=257, n_positions=256, n_embd=32, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    out = train_in_process(str(tmp_path / "gpt2"), str(tmp_path / "run"), "--max_train_samples", 16,
+                           "--per_device_train_batch_size", 8, "--max_steps", 2, "--max_seq_length", 256)  # fmt: skip
+    classify = pipeline("text-classification", model=f"{out}/final")
+    assert (
+        classify.model.config.pad_token_id == 256
+        and classify.tokenizer.pad_token == "<|endoftext|>"
+    )
+    assert (
+        len(classify(["a short one", "and a longer text, padded in its batch"], batch_size=2)) == 2
+    )
