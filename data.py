@@ -30,17 +30,20 @@ GLUE = {
     "wnli": ("WNLI", PAIR, "not_entailment entailment", "accuracy"),
 }
 LABELS = {"mrpc": "Quality", "stsb": "score", "qqp": "is_duplicate", "mnli": "gold_label"}
+# The hub's copy (nyu-mll/glue) names these texts otherwise, and every label `label`.
+HUB_TEXTS = {"mrpc": PAIR, "mnli": ["premise", "hypothesis"]}
 
 
-def glue_task(name, data_dir, with_test=False):
+def glue_task(name, data_dir, with_test=False, hub="nyu-mll/glue"):
+    """A GLUE task in the classic layout under data_dir or, without one, from the hub."""
     folder, texts, classes, metrics = GLUE[name]
     splits = ["train", "dev"] + ["test"] * with_test
     if name == "mnli":  # a matched and a mismatched set, for dev and for test
         splits = ["train", "dev_matched", "dev_mismatched"]
         splits += ["test_matched", "test_mismatched"] * with_test
     label, classes = LABELS.get(name, "label"), classes.split()
-    return {
-        "files": {split: os.path.join(data_dir, folder, f"{split}.tsv") for split in splits},
+    task = {
+        "files": {split: os.path.join(data_dir or "", folder, f"{split}.tsv") for split in splits},
         "columns": ["source", label, "mark", texts[0]] if name == "cola" else None,  # no header
         "texts": texts,
         "label": label,
@@ -51,6 +54,11 @@ def glue_task(name, data_dir, with_test=False):
         "metrics": metrics.split(),
         "predictions": folder,  # GLUE's submission names: MRPC.tsv, MNLI-m.tsv, MNLI-mm.tsv
     }
+    if not data_dir:  # the hub's layout: its split names (validation...), texts and `label`
+        files = {split: split.replace("dev", "validation") for split in splits}
+        task |= {"files": files, "hub": (hub, name), "columns": None, "label": "label"}
+        task["texts"] = HUB_TEXTS.get(name, texts)
+    return task
 
 
 def own_task(train_file, validation_file, test_file):
@@ -85,7 +93,10 @@ def own_task(train_file, validation_file, test_file):
 def read_split(task, split):
     """A split as a table of strings, checked for the columns it needs."""
     path = task["files"][split]
-    table = read_table(path, None if split.startswith("test") else task.get("columns"))
+    if task.get("hub"):
+        table = read_hub(*task["hub"], path)
+    else:
+        table = read_table(path, None if split.startswith("test") else task.get("columns"))
     needed = task["texts"] + ([] if split.startswith("test") else [task["label"]])
     missing = [column for column in needed if column not in table.column_names]
     if missing:
@@ -122,6 +133,20 @@ def read_table(path, columns=None):
     except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as error:
         raise ValueError(f"{path}: {str(error.__cause__ or error).strip()}") from None
     return table if builder == "csv" else table.cast(strings(table.column_names))
+
+
+def read_hub(dataset, config, split):
+    """A split of GLUE in the hub's layout (a hub id, or a local folder in the same layout) as a
+    table of strings, like a classic file: class ids as "0", "1", ...; `idx` as `index`; a test
+    split without its labels (all -1)."""
+    try:
+        table = datasets.load_dataset(dataset, config, split=split)
+    except Exception as error:  # offline, or no such dataset, config or split
+        where = f"{dataset} {config} {split}"
+        raise ValueError(f"cannot load {where} (offline, give --data_dir): {error}") from None
+    table = table.remove_columns("label") if split.startswith("test") else table
+    table = table.rename_column("idx", "index")
+    return table.cast(strings(table.column_names))
 
 
 def strings(names):

@@ -30,6 +30,7 @@ import trainer
 # What makes a checkpoint another run, which a resume must keep: the model, what it trains on
 # (task, files, --max_seq_length: the tokenized examples' fingerprint), seed, batch, precision.
 MUST_MATCH = "model_name_or_path train_data seed global_batch_size bf16 fp16".split()
+MUST_MATCH += "load_best_model_at_end metric_for_best_model early_stopping_patience".split()
 # Every name this trainer writes into an output dir: all that --overwrite_output_dir deletes.
 PREDICTIONS = r"(CoLA|SST-2|MRPC|STS-B|QQP|MNLI-mm?|QNLI|RTE|WNLI|predictions)\.tsv"
 OURS = rf"(\.lock|log\.jsonl|checkpoint-\d+\.pt|final|{PREDICTIONS})(\.tmp|\.old)?"
@@ -62,7 +63,8 @@ def parse_args(argv=None):
     task.add_argument("--train_file", help="your own .csv, .tsv, .json or .jsonl (see README)")
     add("--validation_file", help="with --train_file: the dev set")
     add("--test_file", help="with --train_file: predict it into predictions.tsv")
-    add("--data_dir", default=os.environ.get("GLUE_DIR", "glue"), help="GLUE's (default $GLUE_DIR)")
+    add("--data_dir", default=os.environ.get("GLUE_DIR"), help="GLUE's classic layout ($GLUE_DIR)")
+    add("--dataset_name", default="nyu-mll/glue", help="without --data_dir: GLUE on the hub")
     add("--model_name_or_path", required=True, help="a hub id or a local folder")
     add("--output_dir", required=True, type=checked(str, bool, "a folder"))
     add("--max_seq_length", type=POSITIVE, default=128)
@@ -78,6 +80,9 @@ def parse_args(argv=None):
     add("--max_steps", type=POSITIVE, help="the run's length, instead of --num_train_epochs")
     add("--warmup_ratio", type=checked(float, lambda x: 0 <= x < 1, "in [0, 1)"), default=0.0)
     add("--max_grad_norm", type=NON_NEGATIVE, default=1.0, help="0: no clipping")
+    add("--load_best_model_at_end", action="store_true", help="final/: the best evaluation's")
+    add("--metric_for_best_model", help="the score that decides (default: the task's main)")
+    add("--early_stopping_patience", type=POSITIVE, help="evaluations without improvement")
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bf16 autocast, where native")
     precision.add_argument("--fp16", action="store_true", help="fp16 autocast, loss scaling")
@@ -151,6 +156,9 @@ def run(args, stop_requested):
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
     if warmup_steps >= total_steps:
         raise trainer.AllRanksError(f"a warmup of {warmup_steps} fills all {total_steps} steps")
+    eval_steps, save_steps = args.eval_steps or steps_per_epoch, args.save_steps or steps_per_epoch
+    if args.load_best_model_at_end and eval_steps % save_steps:  # the best needs a checkpoint
+        raise trainer.AllRanksError("--load_best_model_at_end: save at every --eval_steps")
     optimizer = trainer.build_optimizer(model, args.learning_rate, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # fp16's range needs it
     progress, flags, lock = resume_or_start(args, model, optimizer, scaler, train_set, total_steps)
@@ -175,13 +183,13 @@ def run(args, stop_requested):
         ),
         autocast=autocast,
         clip=args.max_grad_norm or math.inf,  # 0: no clipping, but the norm is still checked
-        evaluate=evaluate_now,
+        evaluate=lambda model, step: keep_best(args, progress, step, evaluate_now(model, step)),
         output_dir=args.output_dir,
         flags=flags,
         total_steps=total_steps,
         logging_steps=args.logging_steps,
-        eval_steps=args.eval_steps or steps_per_epoch,  # 0: at each epoch's end
-        save_steps=args.save_steps or steps_per_epoch,
+        eval_steps=eval_steps,
+        save_steps=save_steps,
         stop_requested=stop_requested,
     )
     if summary["stopped"] and trainer.RANK == 0:
@@ -222,7 +230,7 @@ def load(args):
         if (trainer.LOCAL_RANK == 0) == local_rank_0_first:
             try:
                 task = args.task_name and data.glue_task(
-                    args.task_name, args.data_dir, args.do_predict
+                    args.task_name, args.data_dir, args.do_predict, args.dataset_name
                 )
                 task = task or data.own_task(args.train_file, args.validation_file, args.test_file)
                 tokenizer, model = load_model(args, task)
@@ -234,6 +242,11 @@ def load(args):
             except (ValueError, OSError) as load_error:
                 error = load_error
         trainer.check_all_ranks(error)  # every rank stops on any rank's error
+    names = [prefix(s) + m for s in task["files"] if s.startswith("dev") for m in task["metrics"]]
+    if args.load_best_model_at_end or args.early_stopping_patience:  # HF also takes eval_accuracy
+        args.metric_for_best_model = (args.metric_for_best_model or names[0]).removeprefix("eval_")
+    if args.metric_for_best_model not in [None, *names]:
+        raise trainer.AllRanksError(f"--metric_for_best_model must be one of {names}")
     if len(splits["train"]) < trainer.WORLD_SIZE:
         raise trainer.AllRanksError(f"{len(splits['train'])} examples cannot feed every rank")
     return device, task, tokenizer, model.to(device), splits
@@ -301,10 +314,32 @@ def evaluate(args, task, tokenizer, splits, autocast, model, step):
     for name, table in splits.items():
         if name.startswith("dev"):
             predictions = predict(args, model, tokenizer, table, autocast)
-            prefix = "" if name == "dev" else name[4:] + "_"  # MNLI's two: matched_, mismatched_
             for metric in task["metrics"]:
                 labels = np.asarray(table["labels"])
-                scores[prefix + metric] = getattr(metrics, metric)(predictions.numpy(), labels)
+                scores[prefix(name) + metric] = getattr(metrics, metric)(
+                    predictions.numpy(), labels
+                )
+    return scores
+
+
+def prefix(split):
+    return "" if split == "dev" else split[4:] + "_"  # MNLI's two: matched_, mismatched_
+
+
+def keep_best(args, progress, step, scores):
+    """Track the best evaluation in `progress`, which each checkpoint saves: a resume continues
+    it exactly, and the rotation keeps the best step's checkpoint. Ends the run after
+    --early_stopping_patience evaluations without improvement. Returns the scores."""
+    if args.metric_for_best_model:
+        score = scores[args.metric_for_best_model]
+        score = -math.inf if math.isnan(score) else score  # an undefined score is no improvement
+        if "best_step" not in progress or score > progress["best_score"]:
+            progress |= {"best_score": score, "best_step": step, "best_eval": scores}
+            progress["evals_since_best"] = 0
+        else:
+            progress["evals_since_best"] += 1
+        # trainer.train ends the run after this step once early_stopped is set
+        progress["early_stopped"] = progress["evals_since_best"] == args.early_stopping_patience
     return scores
 
 
@@ -332,8 +367,11 @@ def save_model(model, tokenizer, path, record):
 
 
 def write_final_outputs(args, task, model, tokenizer, splits, summary, autocast):
-    """The test predictions, then final/: the last weights and, in eval.json, the run's scores
-    and speed. final/eval.json, written last, says the run is complete."""
+    """The test predictions, then final/: the last weights (or the best evaluation's) and, in
+    eval.json, the run's scores and speed. final/eval.json, written last: the run is complete."""
+    if args.load_best_model_at_end:  # the best evaluation's weights, from its checkpoint
+        path = os.path.join(args.output_dir, f"checkpoint-{summary['best_step']}.pt")
+        model.load_state_dict(torch.load(path, weights_only=True, mmap=True)["model"])
     for name, table in [(name, t) for name, t in splits.items() if name.startswith("test")]:
         values = predict(args, model, tokenizer, table, autocast).tolist()
         values = [task["classes"][v] if task["classes"] else round(v, 3) for v in values]
@@ -348,9 +386,12 @@ def write_final_outputs(args, task, model, tokenizer, splits, summary, autocast)
     if trainer.RANK != 0:
         return
     record = {"task": args.task_name or args.train_file, "model": args.model_name_or_path}
-    record |= {key: summary[key] for key in ["step", "skipped_steps"]}
+    record |= {key: summary.get(key) for key in ["step", "skipped_steps", "early_stopped"]}
     record["train_samples_per_second"] = summary["examples"] / max(summary["seconds"], 1e-9)
     record["eval"] = summary["final"]
+    if args.load_best_model_at_end:  # final/'s weights; "eval", the last, is the honest score
+        note = "final/ holds this evaluation's weights, chosen on the dev set: optimistic scores"
+        record["best"] = {"step": summary["best_step"], "eval": summary["best_eval"], "note": note}
     save_model(model, tokenizer, os.path.join(args.output_dir, "final"), record)
     print("done: " + "  ".join(f"{k} {v:.4f}" for k, v in summary["final"].items()), flush=True)
 

@@ -207,8 +207,8 @@ def train(
     stop_requested,
 ):
     """Train from `progress` to total_steps. plan(epoch) gives this rank's steps (epoch_plan),
-    make_batch(indices) a batch of CPU tensors, learning_rate(updates) the rate, evaluate(model,
-    step) scores to log, on every rank. Stops after a checkpoint once stop_requested is set."""
+    make_batch(indices) a batch, learning_rate(updates) the rate, evaluate(model, step) scores to
+    log (or sets progress["early_stopped"]). A set stop_requested stops after a checkpoint."""
     device = next(model.parameters()).device
     # DDP all-reduces the gradients across ranks during backward, overlapped with it.
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if WORLD_SIZE > 1 else model
@@ -216,7 +216,7 @@ def train(
     steps_per_epoch, stopped = len(plan(0)), False
     window = torch.zeros((), device=device)  # the loss summed since the last log record
     last_eval = all_gather(truncate_log(output_dir, progress["step"]))[0]  # the first write
-    while progress["step"] < total_steps and not stopped:
+    while progress["step"] < total_steps and not (stopped or progress.get("early_stopped")):
         model.train()  # dropout on: a model may come in eval mode, and evaluate() may leave it so
         started = time.perf_counter()
         epoch, step_in_epoch = divmod(progress["step"], steps_per_epoch)
@@ -403,9 +403,11 @@ def save_checkpoint(output_dir, model, optimizer, scaler, progress, flags):
         }
         path = os.path.join(output_dir, f"checkpoint-{progress['step']}.pt")
         write_atomically(path, lambda f: torch.save(state, f))
-        # Older ones go; a newer one (broken, skipped by a resume) stays until this run passes it.
-        for _, old in [c for c in list_checkpoints(output_dir) if c[0] <= progress["step"]][2:]:
-            os.remove(old)
+        # Older ones go, but the best evaluation's (progress["best_step"], if the caller tracks
+        # it); a newer one (broken, skipped by a resume) stays until this run passes it.
+        kept = [step for step, _ in list_checkpoints(output_dir) if step <= progress["step"]]
+        for step in [s for s in kept[2:] if s != progress.get("best_step")]:
+            os.remove(os.path.join(output_dir, f"checkpoint-{step}.pt"))
     if WORLD_SIZE > 1:
         dist.barrier()  # no rank exits (tearing the group down) before the checkpoint is on disk
 

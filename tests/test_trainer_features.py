@@ -1,0 +1,160 @@
+"""What Hugging Face Trainer users reach for: GLUE from the hub (tested on a local folder in the
+hub's layout), the best model at the end, early stopping."""
+
+import json
+import os
+import threading
+
+import datasets
+import pytest
+import torch
+
+import data
+import train_glue
+import trainer
+from conftest import GLUE, model_weights, read_log, train_in_process
+
+SHORT = ["--max_train_samples", 32, "--per_device_train_batch_size", 8, "--learning_rate", 1e-3]
+
+
+@pytest.fixture(scope="module")
+def hub_glue(tmp_path_factory):
+    """MRPC laid out as nyu-mll/glue is (a parquet file per split, the configs in the README's
+    YAML header, class names in the features), built from ../shared/glue's classic files."""
+    root = tmp_path_factory.mktemp("hub-glue")
+    task = data.glue_task("mrpc", GLUE, with_test=True)
+    features = {"sentence1": datasets.Value("string"), "sentence2": datasets.Value("string"),
+                "label": datasets.ClassLabel(names=task["classes"]), "idx": datasets.Value("int32")}  # fmt: skip
+    for split, hub_split in [("train", "train"), ("dev", "validation"), ("test", "test")]:
+        table = data.read_split(task, split)
+        rows = {"sentence1": table["#1 String"], "sentence2": table["#2 String"],
+                "label": [int(v) for v in table["Quality"]] if split != "test" else [-1] * len(table),
+                "idx": [int(i) for i in table["index"]] if split == "test" else list(range(len(table)))}  # fmt: skip
+        dataset = datasets.Dataset.from_dict(rows, features=datasets.Features(features))
+        dataset.to_parquet(str(root / "mrpc" / f"{hub_split}-00000-of-00001.parquet"))
+    splits = "".join(
+        f"\n  - split: {s}\n    path: mrpc/{s}-*" for s in ("train", "validation", "test")
+    )
+    (root / "README.md").write_text(
+        f"---\nconfigs:\n- config_name: mrpc\n  data_files:{splits}\n---\n"
+    )
+    return str(root)
+
+
+def test_glue_from_the_hubs_layout_gives_the_classic_files_run(tiny_model, hub_glue, tmp_path):
+    runs = {}
+    for source, flags in [("classic", ["--data_dir", GLUE]), ("hub", ["--dataset_name", hub_glue])]:
+        out = str(tmp_path / source)
+        args = ["--task_name", "mrpc", *flags, "--model_name_or_path", tiny_model, "--output_dir", out,
+                "--max_steps", 2, "--do_predict", *SHORT]  # fmt: skip
+        train_glue.run(train_glue.parse_args([str(a) for a in args]), threading.Event())
+        runs[source] = out
+    classic, hub = (json.load(open(f"{runs[s]}/final/eval.json")) for s in ("classic", "hub"))
+    assert classic["eval"] == hub["eval"] and classic["step"] == hub["step"] == 2
+    assert open(f"{runs['classic']}/MRPC.tsv").read() == open(f"{runs['hub']}/MRPC.tsv").read()
+    logs = [[r | {"samples_per_second": 0} for r in read_log(runs[s])] for s in ("classic", "hub")]
+    assert logs[0] == logs[1]  # the same losses, norms and scores at every step
+
+
+def test_without_data_dir_and_offline_the_hub_is_one_clear_error(
+    tiny_model, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    argv = [
+        "--task_name",
+        "rte",
+        "--model_name_or_path",
+        tiny_model,
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    with pytest.raises(SystemExit) as exit_:
+        train_glue.main(argv)
+    error = capsys.readouterr().err
+    assert (
+        exit_.value.code == 1
+        and "error: cannot load nyu-mll/glue rte train (offline, give --data_dir)" in error
+    )
+    assert not (tmp_path / "out").exists()
+
+
+SCORES = {1: 0.5, 2: 0.9, 3: 0.7, 4: 0.95, 5: 0.6, 6: 0.7, 7: 0.8, 8: 0.99}  # accuracy by step
+
+
+def scripted_run(tiny_model, out, monkeypatch, *extra):
+    """Accuracy by step from SCORES, an evaluation and a checkpoint every step."""
+    monkeypatch.setattr(
+        train_glue, "evaluate", lambda *args: {"accuracy": SCORES[args[-1]], "f1": 0.0}
+    )
+    return train_in_process(tiny_model, out, *SHORT, "--max_steps", 8, "--eval_steps", 1,
+                            "--save_steps", 1, *extra)  # fmt: skip
+
+
+def test_the_best_model_is_final_and_the_last_evaluation_is_reported_beside(
+    tiny_model, tmp_path, monkeypatch
+):
+    out = scripted_run(tiny_model, str(tmp_path / "run"), monkeypatch, "--load_best_model_at_end")
+    record = json.load(open(f"{out}/final/eval.json"))
+    assert record["step"] == 8 and record["eval"]["accuracy"] == 0.99  # the last: the honest one
+    assert record["best"]["step"] == 8 and "optimistic" in record["best"]["note"]
+    out = scripted_run(tiny_model, str(tmp_path / "f1"), monkeypatch, "--load_best_model_at_end",
+                       "--metric_for_best_model", "eval_f1", "--max_steps", 7)  # fmt: skip
+    record = json.load(open(f"{out}/final/eval.json"))
+    assert record["best"]["step"] == 1 and record["eval"]["accuracy"] == 0.8  # f1 never improves
+    best = torch.load(f"{out}/checkpoint-1.pt", weights_only=True)
+    final = model_weights(f"{out}/final")
+    assert all(torch.equal(final[k], best["model"][k]) for k in final)  # the rotation kept it
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-1.pt", "checkpoint-6.pt", "checkpoint-7.pt",
+                                       "final", "log.jsonl"]  # fmt: skip
+
+
+def test_early_stopping_after_patience_evaluations_without_improvement(
+    tiny_model, tmp_path, monkeypatch
+):
+    out = scripted_run(
+        tiny_model, str(tmp_path / "run"), monkeypatch, "--early_stopping_patience", 3
+    )
+    record = json.load(open(f"{out}/final/eval.json"))
+    assert record["step"] == 7 and record["early_stopped"] is True  # best at 4; 5, 6, 7 worse
+    assert max(r["step"] for r in read_log(out)) == 7
+
+
+def test_best_model_and_early_stopping_resume_exactly_after_a_kill_past_an_improvement(
+    tiny_model_dropout, tmp_path, monkeypatch
+):
+    flags = ["--load_best_model_at_end", "--early_stopping_patience", 3]
+    straight = scripted_run(tiny_model_dropout, str(tmp_path / "straight"), monkeypatch, *flags)
+    out = str(tmp_path / "killed")
+    real_save = trainer.save_checkpoint
+    for kill_at in (4, 6):  # 4 improved the best, 6 did not: neither checkpoint lands
+
+        def killed(output_dir, model, optimizer, scaler, progress, flags, kill_at=kill_at):
+            if progress["step"] == kill_at:
+                raise RuntimeError("killed")
+            return real_save(output_dir, model, optimizer, scaler, progress, flags)
+
+        monkeypatch.setattr(trainer, "save_checkpoint", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            scripted_run(
+                tiny_model_dropout, out, monkeypatch, *flags, "--resume_from_checkpoint", "auto"
+            )
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    scripted_run(tiny_model_dropout, out, monkeypatch, *flags, "--resume_from_checkpoint", "auto")
+    a, b = (json.load(open(f"{run}/final/eval.json")) for run in (straight, out))
+    assert a["step"] == b["step"] == 7 and a["best"] == b["best"] and a["best"]["step"] == 4
+    weights = model_weights(f"{straight}/final"), model_weights(f"{out}/final")
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    logs = [[r | {"samples_per_second": 0} for r in read_log(run)] for run in (straight, out)]
+    assert logs[0] == logs[1]
+
+
+def test_a_metric_the_task_does_not_report_is_refused(tiny_model, tmp_path, capsys):
+    argv = ["--task_name", "mrpc", "--data_dir", GLUE, "--model_name_or_path", tiny_model, "--output_dir",
+            str(tmp_path / "out"), "--load_best_model_at_end", "--metric_for_best_model", "pearson"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        train_glue.main(argv)
+    assert (
+        "error: --metric_for_best_model must be one of ['accuracy', 'f1']"
+        in capsys.readouterr().err
+    )
