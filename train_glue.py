@@ -80,6 +80,7 @@ def parse_args(argv=None):
     add("--max_steps", type=POSITIVE, help="the run's length, instead of --num_train_epochs")
     add("--warmup_ratio", type=checked(float, lambda x: 0 <= x < 1, "in [0, 1)"), default=0.0)
     add("--max_grad_norm", type=NON_NEGATIVE, default=1.0, help="0: no clipping")
+    add("--gradient_checkpointing", action="store_true", help="less memory, a third more time")
     add("--load_best_model_at_end", action="store_true", help="final/: the best evaluation's")
     add("--metric_for_best_model", help="the score that decides (default: the task's main)")
     add("--early_stopping_patience", type=POSITIVE, help="evaluations without improvement")
@@ -136,6 +137,8 @@ def load_model(args, task):
     shortest = tokenizer.num_special_tokens_to_add(len(task["texts"]) == 2) + len(task["texts"])
     if not shortest <= args.max_seq_length <= longest:
         raise ValueError(f"--max_seq_length must be in [{shortest}, {longest}] for this model")
+    if args.gradient_checkpointing:  # keep each layer's input only; backward recomputes the rest
+        model.activation_checkpointing_enable()  # transformers 4: gradient_checkpointing_enable()
     return tokenizer, model
 
 
@@ -314,11 +317,10 @@ def evaluate(args, task, tokenizer, splits, autocast, model, step):
     for name, table in splits.items():
         if name.startswith("dev"):
             predictions = predict(args, model, tokenizer, table, autocast)
+            labels = np.asarray(table["labels"])
             for metric in task["metrics"]:
-                labels = np.asarray(table["labels"])
-                scores[prefix(name) + metric] = getattr(metrics, metric)(
-                    predictions.numpy(), labels
-                )
+                score = getattr(metrics, metric)(predictions.numpy(), labels)
+                scores[prefix(name) + metric] = score
     return scores
 
 
@@ -338,7 +340,6 @@ def keep_best(args, progress, step, scores):
             progress["evals_since_best"] = 0
         else:
             progress["evals_since_best"] += 1
-        # trainer.train ends the run after this step once early_stopped is set
         progress["early_stopped"] = progress["evals_since_best"] == args.early_stopping_patience
     return scores
 
@@ -371,7 +372,7 @@ def write_final_outputs(args, task, model, tokenizer, splits, summary, autocast)
     eval.json, the run's scores and speed. final/eval.json, written last: the run is complete."""
     if args.load_best_model_at_end:  # the best evaluation's weights, from its checkpoint
         path = os.path.join(args.output_dir, f"checkpoint-{summary['best_step']}.pt")
-        model.load_state_dict(torch.load(path, weights_only=True, mmap=True)["model"])
+        model.load_state_dict(torch.load(path, "cpu", weights_only=True, mmap=True)["model"])
     for name, table in [(name, t) for name, t in splits.items() if name.startswith("test")]:
         values = predict(args, model, tokenizer, table, autocast).tolist()
         values = [task["classes"][v] if task["classes"] else round(v, 3) for v in values]

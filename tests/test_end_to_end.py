@@ -12,7 +12,16 @@ def test_readme_command_under_torchrun_on_real_minilm_and_mrpc(tmp_path):
     out = tmp_path / "mrpc"
     readme = ["--task_name", "mrpc", "--data_dir", GLUE, "--model_name_or_path", minilm_path(),
               "--output_dir", out, "--learning_rate", "1e-4", "--warmup_ratio", "0.1"]  # fmt: skip
-    slice_ = ["--max_train_samples", 192, "--num_train_epochs", 1, "--logging_steps", 1]
+    slice_ = [
+        "--max_train_samples",
+        192,
+        "--max_eval_samples",
+        64,
+        "--num_train_epochs",
+        1,
+        "--logging_steps",
+        1,
+    ]
     run_cli(readme + slice_, torchrun=2, timeout=240)
     results = json.loads((out / "final" / "eval.json").read_text())
     assert results["step"] == 3 and results["skipped_steps"] == 0

@@ -59,7 +59,7 @@ def test_glue_from_the_hubs_layout_gives_the_classic_files_run(tiny_model, hub_g
 def test_without_data_dir_and_offline_the_hub_is_one_clear_error(
     tiny_model, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at start
     monkeypatch.delenv("GLUE_DIR", raising=False)
     argv = [
         "--task_name",

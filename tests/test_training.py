@@ -308,3 +308,44 @@ def test_a_gpt2_style_model_without_a_pad_token_pads_with_end_of_text(tmp_path):
     assert (
         len(classify(["a short one", "and a longer text, padded in its batch"], batch_size=2)) == 2
     )
+
+
+def saved_for_backward(model, batch):
+    """Bytes of the tensors autograd keeps for backward in one forward: the activation memory."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}  # each storage once: views of one tensor share it; the weights are no activations
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model(**batch).loss.backward()
+    return sum(saved.values())
+
+
+def test_gradient_checkpointing_gives_the_same_steps_and_keeps_less_for_backward(
+    tiny_model_dropout, tmp_path
+):
+    """Dropout on: the recomputed forward must draw the same masks as the first one."""
+    runs = [train_in_process(tiny_model_dropout, str(tmp_path / f"run{i}"), "--max_train_samples", 32,
+                             "--per_device_train_batch_size", 8, "--max_steps", 3, "--learning_rate", 1e-3,
+                             *flags) for i, flags in enumerate([[], ["--gradient_checkpointing"]])]  # fmt: skip
+    logs = [[(r["loss"], r["grad_norm"]) for r in read_log(run) if "loss" in r] for run in runs]
+    assert np.allclose(logs[0], logs[1], rtol=1e-5) and len(logs[0]) == 3
+    weights = [model_weights(f"{run}/final") for run in runs]
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
+    args = train_glue.parse_args(["--task_name", "mrpc", "--data_dir", GLUE, "--model_name_or_path",
+                                  tiny_model_dropout, "--output_dir", "x"])  # fmt: skip
+    tokenizer, model = train_glue.load_model(args, data.glue_task("mrpc", GLUE))
+    task = data.glue_task("mrpc", GLUE)
+    rows = data.tokenize(
+        data.read_split(task, "train").select(range(16)), task, "train", tokenizer, 128
+    )
+    batch = data.collate(rows[:], tokenizer)
+    plain = saved_for_backward(model.train(), batch)
+    args.gradient_checkpointing = True
+    _, model = train_glue.load_model(args, task)
+    assert saved_for_backward(model.train(), batch) < 0.8 * plain
