@@ -291,8 +291,7 @@ def log_evaluation(output_dir, step, scores):
 
 
 def append_log(output_dir, record):
-    """log.jsonl is appended to in place: a line that a kill cuts short is dropped at the next
-    start (truncate_log)."""
+    """Appended in place: truncate_log drops a line that a kill cut short at the next start."""
     with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
         f.write(to_json(record) + "\n")
 
