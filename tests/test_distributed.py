@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import GLUE, ROOT, model_weights, run_cli
@@ -92,6 +93,7 @@ def errors(output):
     return [line for line in output.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.slow  # two 2-node launches: kept out of the default run's 10 minutes
 def test_two_nodes_without_a_shared_filesystem_stop_together_instead_of_drifting(
     tiny_model, tmp_path
 ):
