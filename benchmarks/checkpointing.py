@@ -24,8 +24,9 @@ import data  # noqa: E402
 import train_glue  # noqa: E402
 
 
-def saved_and_seconds(model, batch, repeats=1):
-    """(bytes saved for backward in one forward, mean seconds of forward + backward)."""
+def saved_for_backward(model, batch):
+    """Bytes of the tensors autograd keeps for backward in one forward: the activation memory.
+    tests/test_training.py checks --gradient_checkpointing with it too."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}  # each storage once: views of one tensor share it; the weights are no activations
 
@@ -37,10 +38,14 @@ def saved_and_seconds(model, batch, repeats=1):
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         model(**batch).loss.backward()
+    return sum(saved.values())
+
+
+def seconds_of_a_step(model, batch):
+    """Seconds of one forward and backward."""
     started = time.perf_counter()
-    for _ in range(repeats):
-        model(**batch).loss.backward()
-    return sum(saved.values()), (time.perf_counter() - started) / repeats
+    model(**batch).loss.backward()
+    return time.perf_counter() - started
 
 
 def peak_rss(command):
@@ -78,7 +83,8 @@ def main():
             batch = dict(
                 tokenizer.pad(rows, padding=padding, max_length=length, return_tensors="pt")
             )
-            saved, seconds = saved_and_seconds(model.train(), batch)
+            saved = saved_for_backward(model.train(), batch)
+            seconds = seconds_of_a_step(model, batch)
             with tempfile.TemporaryDirectory() as out:
                 command = [sys.executable, "train_glue.py", *flags, "--output_dir", out,
                            "--max_train_samples", "128", "--max_steps", "4", "--max_eval_samples", "32"]  # fmt: skip

@@ -5,7 +5,9 @@ the dtypes of what is saved."""
 import contextlib
 import json
 import math
+import os
 import shutil
+import sys
 import threading
 
 import numpy as np
@@ -17,6 +19,7 @@ import data
 import train_glue
 from conftest import (
     GLUE,
+    ROOT,
     SAMPLES,
     checkpoint_state,
     make_tiny_model,
@@ -25,6 +28,9 @@ from conftest import (
     train_in_process,
     write_rows,
 )
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from checkpointing import saved_for_backward  # noqa: E402
 
 
 def batch_loss(model_dir, rows=32):
@@ -308,22 +314,6 @@ def test_a_gpt2_style_model_without_a_pad_token_pads_with_end_of_text(tmp_path):
     assert (
         len(classify(["a short one", "and a longer text, padded in its batch"], batch_size=2)) == 2
     )
-
-
-def saved_for_backward(model, batch):
-    """Bytes of the tensors autograd keeps for backward in one forward: the activation memory."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}  # each storage once: views of one tensor share it; the weights are no activations
-
-    def keep(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        model(**batch).loss.backward()
-    return sum(saved.values())
 
 
 def test_gradient_checkpointing_gives_the_same_steps_and_keeps_less_for_backward(
