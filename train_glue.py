@@ -169,8 +169,6 @@ def run(args, stop_requested):
     autocast = functools.partial(torch.autocast, device.type, dtype)  # a fresh context each use
     autocast = autocast if args.bf16 or args.fp16 else contextlib.nullcontext
     evaluate_now = functools.partial(evaluate, args, task, tokenizer, splits, autocast)
-    if stop_requested.is_set():  # a stop during start-up whose KeyboardInterrupt a library ate
-        raise KeyboardInterrupt
     TRAINING.set()
     summary = trainer.train(
         model,
@@ -402,15 +400,17 @@ def main(argv=None):
     stop_requested, received = threading.Event(), []
 
     def on_signal(signum, frame):
-        """SIGTERM (a preemption) and a first Ctrl-C ask the loop to stop after its step and save;
-        before the first step there is nothing to save: they stop at once. A second Ctrl-C
-        aborts; under torchrun one arrives twice (terminal, torchrun), a second apart at most."""
+        """SIGTERM (a preemption) or a first Ctrl-C: stop after the step, with a checkpoint; before
+        the first step, at once. A second Ctrl-C aborts (torchrun sends one twice, <1 s apart)."""
         now, presses = time.monotonic(), [t for s, t in received if s == signal.SIGINT]
         received.append((signum, now))
-        stop_requested.set()
-        if not TRAINING.is_set() or signum == signal.SIGINT and any(now - t > 1 for t in presses):
+        if not TRAINING.is_set():  # exit here: a library reading a big file may eat an exception
+            print("error: stopped at once, without writing a checkpoint", file=sys.stderr)
+            os._exit(128 + signum)  # as a shell reports a signal's end; stderr is line-buffered
+        if signum == signal.SIGINT and any(now - t > 1 for t in presses):
             ignore_signals()  # stopping at once: further interrupts change nothing
             raise KeyboardInterrupt
+        stop_requested.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
