@@ -81,6 +81,7 @@ def parse_args(argv=None):
     add("--warmup_ratio", type=checked(float, lambda x: 0 <= x < 1, "in [0, 1)"), default=0.0)
     add("--max_grad_norm", type=NON_NEGATIVE, default=1.0, help="0: no clipping")
     add("--gradient_checkpointing", action="store_true", help="less memory, a third more time")
+    add("--torch_compile", action="store_true", help="compile the model: see docs/performance.md")
     add("--load_best_model_at_end", action="store_true", help="final/: the best evaluation's")
     add("--metric_for_best_model", help="the score that decides (default: the task's main)")
     add("--early_stopping_patience", type=POSITIVE, help="evaluations without improvement")
@@ -130,15 +131,16 @@ def load_model(args, task):
     # What the model can embed: its position table, less the rows before the first position
     # (RoBERTa's has 514 and starts at 2); room for [CLS], [SEP] and a token of each text.
     table = getattr(getattr(model.base_model, "embeddings", None), "position_embeddings", None)
-    start = 0 if table is None or table.padding_idx is None else table.padding_idx + 1
+    start = 0 if getattr(table, "padding_idx", None) is None else table.padding_idx + 1
     rows = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions too
-    rows = rows if table is None else table.num_embeddings
     longest = rows - start if rows else tokenizer.model_max_length
     shortest = tokenizer.num_special_tokens_to_add(len(task["texts"]) == 2) + len(task["texts"])
     if not shortest <= args.max_seq_length <= longest:
         raise ValueError(f"--max_seq_length must be in [{shortest}, {longest}] for this model")
     if args.gradient_checkpointing:  # keep each layer's input only; backward recomputes the rest
         model.activation_checkpointing_enable()  # transformers 4: gradient_checkpointing_enable()
+    if args.torch_compile:  # at the first forward of each shape; state_dict() keeps its names
+        model.compile()
     return tokenizer, model
 
 
@@ -314,11 +316,10 @@ def evaluate(args, task, tokenizer, splits, autocast, model, step):
     scores = {}
     for name, table in splits.items():
         if name.startswith("dev"):
-            predictions = predict(args, model, tokenizer, table, autocast)
+            predictions = predict(args, model, tokenizer, table, autocast).numpy()
             labels = np.asarray(table["labels"])
             for metric in task["metrics"]:
-                score = getattr(metrics, metric)(predictions.numpy(), labels)
-                scores[prefix(name) + metric] = score
+                scores[prefix(name) + metric] = getattr(metrics, metric)(predictions, labels)
     return scores
 
 

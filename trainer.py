@@ -63,8 +63,7 @@ def check_all_ranks(error):
 
 
 def to_device(batch, device):
-    """The tensors of a batch, nested in dicts, lists and tuples (as a DataLoader's collate gives
-    them), on the device; anything else as it is."""
+    """A batch's tensors, nested in dicts, lists and tuples, on the device; the rest as it is."""
     if isinstance(batch, dict):
         return {key: to_device(value, device) for key, value in batch.items()}
     if isinstance(batch, list | tuple):

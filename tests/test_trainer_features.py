@@ -158,3 +158,23 @@ def test_a_metric_the_task_does_not_report_is_refused(tiny_model, tmp_path, caps
         "error: --metric_for_best_model must be one of ['accuracy', 'f1']"
         in capsys.readouterr().err
     )
+
+
+@pytest.mark.slow  # compiling even the tiny model takes a minute or two on 2 cores
+def test_torch_compile_trains_the_same_steps_through_compiled_code(tiny_model, tmp_path):
+    """The compiled model gives the eager one's losses and weights (to rounding: the kernels
+    differ), its final/ has the plain names, and compiled graphs did run."""
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    runs = [train_in_process(tiny_model, str(tmp_path / f"run{i}"), *SHORT, "--max_steps", 3, *flags)
+            for i, flags in enumerate([[], ["--torch_compile"]])]  # fmt: skip
+    torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] > graphs_before
+    losses = [[r["loss"] for r in read_log(run) if "loss" in r] for run in runs]
+    assert len(losses[1]) == 3 and torch.allclose(
+        torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4
+    )
+    eager, compiled = (model_weights(f"{run}/final") for run in runs)
+    assert eager.keys() == compiled.keys()
+    assert all(torch.allclose(eager[k], compiled[k], atol=1e-5) for k in eager)
