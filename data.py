@@ -5,6 +5,7 @@ score), its metrics (the main one first), and where its test predictions go."""
 
 import csv
 import hashlib
+import math
 import os
 import re
 
@@ -15,7 +16,6 @@ datasets.disable_progress_bars()
 datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our own errors say what went wrong
 
 PAIR, NUMBER = ["sentence1", "sentence2"], re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-WHOLE = re.compile(r"[-+]?\d+")
 # name: (its folder in the classic layout, its text columns, the names of its classes, which the
 # files write as names or as numbers (none: a regression score), its metrics, the main first)
 GLUE = {
@@ -49,8 +49,7 @@ def glue_task(name, data_dir, with_test=False, hub="nyu-mll/glue"):
         "label": label,
         "classes": classes,
         # GLUE's files write a class by its name or its number (SST-2's 0 is negative).
-        "label_ids": {n: i for i, n in enumerate(classes)}
-        | {str(i): i for i in range(len(classes))},
+        "label_ids": {key: i for i, name in enumerate(classes) for key in (name, str(i))},
         "metrics": metrics.split(),
         "predictions": folder,  # GLUE's submission names: MRPC.tsv, MNLI-m.tsv, MNLI-mm.tsv
     }
@@ -74,9 +73,9 @@ def own_task(train_file, validation_file, test_file):
         raise ValueError(f"{train_file} needs a 'label' column and one of text (it has {columns})")
     values = [value for value in table.unique("label") if value]  # tokenize() names empty ones
     numbers = [value for value in values if NUMBER.fullmatch(value)]
-    if 0 < len(numbers) < len(values):
-        raise ValueError(f"{train_file}: the labels mix numbers and words: make them one kind")
-    regression = numbers and not all(map(WHOLE.fullmatch, values))
+    if 0 < len(numbers) < len(values) or len(values) == 1:  # a mix, or nothing to learn
+        raise ValueError(f"{train_file}: make the labels one kind, of 2+ values: {values[:4]}")
+    regression = numbers and not all(value.lstrip("+-").isdecimal() for value in values)
     classes = [] if regression else sorted(values, key=int if numbers else str)
     files = {"train": train_file, "dev": validation_file, "test": test_file}
     return {
@@ -119,6 +118,8 @@ def read_table(path, columns=None):
         raise ValueError(f"cannot read {path} ({error.strerror}): check the path") from None
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text (byte {error.start}): convert it") from None
+    if kind.startswith(".json") and "".join(lines).lstrip()[:1] not in ("[", "{"):
+        raise ValueError(f"{path} holds no JSON objects: give an array of them, or one per line")
     if kind in (".tsv", ".csv"):
         if not (lines[0] if columns else lines[1]).strip():  # the first row of data
             raise ValueError(f"{path} has no data rows: the file is empty or cut short")
@@ -166,7 +167,7 @@ def tokenize(table, task, split, tokenizer, max_seq_length):
             return None  # a test file may leave its labels out
         if task["classes"] and value in task["label_ids"]:
             return task["label_ids"][value]
-        if not task["classes"] and NUMBER.fullmatch(value or ""):
+        if not task["classes"] and NUMBER.fullmatch(value or "") and math.isfinite(float(value)):
             return float(value)
         where = f"item {row + 1}" if path.endswith(".json") else f"line {row + first_line}"
         kind = f"a class of the training set {task['classes']}" if task["classes"] else "a number"
@@ -174,7 +175,7 @@ def tokenize(table, task, split, tokenizer, max_seq_length):
         raise ValueError(f"{path}, {where}: {what}: fix the row")
 
     def encode(rows, indices):
-        texts = [rows[column] for column in task["texts"]]
+        texts = [[text or "" for text in rows[column]] for column in task["texts"]]  # null: empty
         encoded = tokenizer(*texts, truncation=True, max_length=max_seq_length)
         if task["label"] in rows:
             values = zip(rows[task["label"]], indices, strict=True)

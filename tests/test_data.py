@@ -176,7 +176,7 @@ def test_own_files_find_their_texts_and_kind_of_label(tmp_path, tokenizer, kind)
         ([{"label": 1, "number": 2}], "needs a 'label' column and one of text"),
         (
             [{"text": "a", "label": "good"}, {"text": "b", "label": 3}],
-            "the labels mix numbers and words",
+            "make the labels one kind, of 2\\+ values",
         ),
     ],
 )
@@ -189,3 +189,12 @@ def test_own_files_without_what_a_run_needs_are_refused(tmp_path, rows, message)
 def test_an_unsupported_file_is_refused(tmp_path):
     with pytest.raises(ValueError, match="give a .tsv, .csv, .json or .jsonl file"):
         data.read_table(write(tmp_path, "train.xlsx", "label\n1\n"))
+
+
+def test_a_json_null_text_is_an_empty_text(tmp_path, tokenizer):
+    rows = [{"text": "good film", "label": "a"}, {"text": None, "label": "b"}, {"label": "a"}]
+    path = write_rows(tmp_path / "train.jsonl", rows)
+    task = data.own_task(path, path, None)
+    table = data.tokenize(data.read_split(task, "train"), task, "train", tokenizer, 32)
+    assert table["input_ids"][1] == table["input_ids"][2] == tokenizer("")["input_ids"]
+    assert table["labels"] == [0, 1, 0]
