@@ -242,7 +242,7 @@ def load(args):
                     limit = limits.get(name.split("_")[0]) or len(table)
                     table = table.select(range(min(limit, len(table))))
                     splits[name] = data.tokenize(table, task, name, tokenizer, args.max_seq_length)
-            except (ValueError, OSError) as load_error:
+            except Exception as load_error:  # a library's own type too: every rank must hear
                 error = load_error
         trainer.check_all_ranks(error)  # every rank stops on any rank's error
     names = [prefix(s) + m for s in task["files"] if s.startswith("dev") for m in task["metrics"]]
@@ -250,8 +250,6 @@ def load(args):
         args.metric_for_best_model = (args.metric_for_best_model or names[0]).removeprefix("eval_")
     if args.metric_for_best_model not in [None, *names]:
         raise trainer.AllRanksError(f"--metric_for_best_model must be one of {names}")
-    if len(splits["train"]) < trainer.WORLD_SIZE:
-        raise trainer.AllRanksError(f"{len(splits['train'])} examples cannot feed every rank")
     return device, task, tokenizer, model.to(device), splits
 
 
@@ -299,15 +297,14 @@ def predict(args, model, tokenizer, table, autocast):
     device, batch_size = next(model.parameters()).device, args.per_device_eval_batch_size
     mine = np.argsort(-data.lengths(table), kind="stable")[trainer.RANK :: trainer.WORLD_SIZE]
     model.eval()
-    outputs = []
+    outputs = [torch.zeros(0, model.config.num_labels)]  # a rank may get no example
     for start in range(0, len(mine), batch_size):
         batch = data.collate(table[mine[start : start + batch_size].tolist()], tokenizer)
         with autocast():
             outputs.append(model(**trainer.to_device(batch, device)).logits.float().cpu())
     logits = torch.zeros(len(table), model.config.num_labels)
-    for indices, values in trainer.all_gather((mine, torch.cat(outputs) if outputs else None)):
-        if values is not None:
-            logits[indices] = values
+    for indices, values in trainer.all_gather((mine, torch.cat(outputs))):
+        logits[indices] = values
     return logits.squeeze(-1) if model.config.num_labels == 1 else logits.argmax(-1)
 
 

@@ -158,6 +158,8 @@ def epoch_plan(num_examples, epoch, *, batch_size, accumulation, seed, lengths):
     order[0:8] then order[16:24], rank 1 on order[8:16] then order[24:32]. The short step is one
     micro-batch on each rank: order[96:98] on rank 0, order[98:100] on rank 1."""
     generator, world_size = np.random.default_rng([seed, epoch]), WORLD_SIZE
+    if num_examples < world_size:
+        raise AllRanksError(f"{num_examples} examples cannot feed {world_size} ranks")
     order = generator.permutation(num_examples)
     step_size = batch_size * accumulation * world_size
     if lengths is not None:  # sorted within windows of 50 steps: the steps are shuffled below

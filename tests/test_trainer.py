@@ -384,3 +384,10 @@ def test_the_docstring_example_of_the_epoch_plan(monkeypatch):
     ]
     short = plan(monkeypatch, 20, 8, 4, 1, 0, 0, 0, None)  # the comment's short step
     assert [len(ids) for ids in short[0][1]] == [7, 7, 6]
+
+
+@pytest.mark.parametrize("examples", [0, 1])
+def test_fewer_examples_than_ranks_is_one_error_not_an_empty_plan(monkeypatch, examples):
+    monkeypatch.setattr(trainer, "WORLD_SIZE", 2)
+    with pytest.raises(trainer.AllRanksError, match=f"{examples} examples cannot feed 2 ranks"):
+        trainer.epoch_plan(examples, 0, batch_size=8, accumulation=1, seed=0, lengths=None)
