@@ -128,8 +128,8 @@ def load_model(args, task):
     model.config.pad_token_id = tokenizer.pad_token_id  # a GPT-2 head reads the last non-pad
     if len(tokenizer) < model.config.vocab_size / 2:  # most embeddings never used: not its own
         raise ValueError(f"{path} has another tokenizer than its model's: save the model's there")
-    # What the model can embed: its position table, less the rows before the first position
-    # (RoBERTa's has 514 and starts at 2); room for [CLS], [SEP] and a token of each text.
+    # What the model can embed: its config's positions, less the rows before the first position
+    # (RoBERTa's table has 514 and starts at 2); room for [CLS], [SEP] and a token of each text.
     table = getattr(getattr(model.base_model, "embeddings", None), "position_embeddings", None)
     start = 0 if getattr(table, "padding_idx", None) is None else table.padding_idx + 1
     rows = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions too
@@ -139,7 +139,7 @@ def load_model(args, task):
         raise ValueError(f"--max_seq_length must be in [{shortest}, {longest}] for this model")
     if args.gradient_checkpointing:  # keep each layer's input only; backward recomputes the rest
         model.activation_checkpointing_enable()  # transformers 4: gradient_checkpointing_enable()
-    if args.torch_compile:  # at the first forward of each shape; state_dict() keeps its names
+    if args.torch_compile:  # compiles lazily, per new input shape; state_dict() keeps plain names
         model.compile()
     return tokenizer, model
 

@@ -57,9 +57,9 @@ class AllRanksError(ValueError):
 
 def check_all_ranks(error):
     """Every rank raises the first error any rank met in this phase, so none waits for the rest."""
-    errors = [message for message in all_gather(error and str(error)) if message]
-    if errors:
-        raise AllRanksError(errors[0])
+    errors = [message for message in all_gather(error and (str(error) or repr(error))) if message]
+    if errors:  # --debug shows the traceback of the rank that met it
+        raise AllRanksError(errors[0]) from (error if isinstance(error, Exception) else None)
 
 
 def to_device(batch, device):
@@ -159,7 +159,7 @@ def epoch_plan(num_examples, epoch, *, batch_size, accumulation, seed, lengths):
     micro-batch on each rank: order[96:98] on rank 0, order[98:100] on rank 1."""
     generator, world_size = np.random.default_rng([seed, epoch]), WORLD_SIZE
     if num_examples < world_size:
-        raise AllRanksError(f"{num_examples} examples cannot feed {world_size} ranks")
+        raise AllRanksError(f"{num_examples} examples cannot feed {world_size} ranks: start fewer")
     order = generator.permutation(num_examples)
     step_size = batch_size * accumulation * world_size
     if lengths is not None:  # sorted within windows of 50 steps: the steps are shuffled below

@@ -391,3 +391,9 @@ def test_fewer_examples_than_ranks_is_one_error_not_an_empty_plan(monkeypatch, e
     monkeypatch.setattr(trainer, "WORLD_SIZE", 2)
     with pytest.raises(trainer.AllRanksError, match=f"{examples} examples cannot feed 2 ranks"):
         trainer.epoch_plan(examples, 0, batch_size=8, accumulation=1, seed=0, lengths=None)
+
+
+def test_an_error_without_a_message_still_stops_every_rank_and_keeps_its_traceback():
+    with pytest.raises(trainer.AllRanksError, match=r"NotImplementedError\(\)") as raised:
+        trainer.check_all_ranks(NotImplementedError())
+    assert isinstance(raised.value.__cause__, NotImplementedError)  # what --debug shows
