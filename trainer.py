@@ -208,8 +208,8 @@ def train(
     stop_requested,
 ):
     """Train from `progress` to total_steps. plan(epoch) gives this rank's steps (epoch_plan),
-    make_batch(indices) a batch, learning_rate(updates) the rate, evaluate(model, step) scores to
-    log (or sets progress["early_stopped"]). A set stop_requested stops after a checkpoint."""
+    make_batch(indices) a batch, learning_rate(updates) the rate, evaluate(model, step) a dict of
+    floats to log (it may set progress["early_stopped"]). A set stop_requested saves, then stops."""
     device = next(model.parameters()).device
     # DDP all-reduces the gradients across ranks during backward, overlapped with it.
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if WORLD_SIZE > 1 else model
@@ -311,10 +311,10 @@ def to_json(record, indent=None):
 
 
 def start_or_resume(model, optimizer, scaler, output_dir, flags, must_match):
-    """Load the newest checkpoint in output_dir (None: start afresh) into the freshly built
-    objects, or start afresh when there is none; writes nothing. flags: the run's settings as
-    plain values (str, int, float, bool, None), "seed" among them; must_match: the names of those
-    that make it another run. Returns (progress, notes): where the run stands, what to tell."""
+    """Load the newest checkpoint in output_dir (none there, or None: start afresh) into the
+    freshly built objects; writes nothing, but sets torch's random state: make your data first.
+    flags: the run's settings as plain values (str, int, float, bool, None), "seed" among them;
+    must_match: the names of those that make it another run. Returns (progress, notes to print)."""
     for name, value in flags.items():  # torch.load(weights_only=True) reads nothing else back
         if type(value) not in (str, int, float, bool, type(None)):
             raise ValueError(f"flags[{name!r}] is a {type(value).__name__}: give a plain value")
