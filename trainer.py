@@ -384,7 +384,7 @@ def choose_checkpoint(output_dir):
     paths = all_gather(path if state is not None else None)
     if len(set(paths)) > 1:  # a node that sees other files than rank 0
         raise AllRanksError(f"ranks see different checkpoints {paths}: give every node the same")
-    return paths[0], state, [f"warning: skipping {output_dir}/{reason}" for reason in reasons]
+    return paths[0], state, [f"warning: skipping {output_dir}/{why}" for why in reasons]
 
 
 def save_checkpoint(output_dir, model, optimizer, scaler, progress, flags):
