@@ -7,8 +7,10 @@ after SIGTERM, once a checkpoint is written (rerun with --resume_from_checkpoint
 
 import argparse
 import contextlib
+import datetime
 import fcntl
 import functools
+import importlib.util
 import math
 import os
 import re
@@ -20,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -31,9 +34,10 @@ import trainer
 # (task, files, --max_seq_length: the tokenized examples' fingerprint), seed, batch, precision.
 MUST_MATCH = "model_name_or_path train_data seed global_batch_size bf16 fp16".split()
 MUST_MATCH += "load_best_model_at_end metric_for_best_model early_stopping_patience".split()
+MUST_MATCH += ["class_weights"]
 # Every name this trainer writes into an output dir: all that --overwrite_output_dir deletes.
 PREDICTIONS = r"(CoLA|SST-2|MRPC|STS-B|QQP|MNLI-mm?|QNLI|RTE|WNLI|predictions)\.tsv"
-OURS = rf"(\.lock|log\.jsonl|checkpoint-\d+\.pt|final|{PREDICTIONS})(\.tmp|\.old)?"
+OURS = rf"(\.lock|log\.jsonl|checkpoint-\d+\.pt|final|runs|{PREDICTIONS})(\.tmp|\.old)?"
 TRAINING = threading.Event()  # set once the first step may run: a stop then saves a checkpoint
 
 
@@ -50,6 +54,11 @@ def checked(kind, condition, meaning):  # an argparse type: one `error:` line fo
 POSITIVE = checked(int, lambda n: n >= 1, "an integer >= 1")
 COUNT = checked(int, lambda n: n >= 0, "an integer >= 0")
 NON_NEGATIVE = checked(float, lambda x: 0 <= x < math.inf, "a number >= 0")
+WEIGHTS = checked(  # "balanced", or one weight per class: "1,4"
+    lambda text: text if text == "balanced" else [float(w) for w in text.split(",")],
+    lambda w: w == "balanced" or all(0 < x < math.inf for x in w),
+    "balanced or weights > 0 like 1,4",
+)
 
 
 def parse_args(argv=None):
@@ -85,11 +94,14 @@ def parse_args(argv=None):
     add("--load_best_model_at_end", action="store_true", help="final/: the best evaluation's")
     add("--metric_for_best_model", help="the score that decides (default: the task's main)")
     add("--early_stopping_patience", type=POSITIVE, help="evaluations without improvement")
+    add("--class_weights", type=WEIGHTS, help="balanced, or a weight per class: 1,4 (see README)")
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bf16 autocast, where native")
     precision.add_argument("--fp16", action="store_true", help="fp16 autocast, loss scaling")
     add("--seed", type=checked(int, lambda n: 0 <= n < 2**32, "in [0, 2**32)"), default=42)
     add("--logging_steps", type=POSITIVE, default=50)
+    add("--report_to", choices=["none", "tensorboard"], default="none")
+    add("--logging_dir", default=os.environ.get("TENSORBOARD_LOGGING_DIR"), help="OUTPUT_DIR/runs")
     add("--eval_steps", type=COUNT, default=0, help="0: at each epoch's end")
     add("--save_steps", type=COUNT, default=0, help="0: at each epoch's end")
     run = parser.add_mutually_exclusive_group()  # an output dir holding a run needs one of these
@@ -148,6 +160,48 @@ def run(args, stop_requested):
     """Returns True if it stopped early, as stop_requested asked."""
     device, task, tokenizer, model, splits = load(args)
     train_set = splits["train"]
+    plan, total_steps, warmup_steps, eval_steps, save_steps = schedule(args, train_set)
+    optimizer = trainer.build_optimizer(model, args.learning_rate, args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # fp16's range needs it
+    progress, flags, lock = resume_or_start(args, model, optimizer, scaler, train_set, total_steps)
+    dtype = torch.bfloat16 if args.bf16 else torch.float16
+    autocast = functools.partial(torch.autocast, device.type, dtype)  # a fresh context each use
+    autocast = autocast if args.bf16 or args.fp16 else contextlib.nullcontext
+    evaluate_now = functools.partial(evaluate, args, task, tokenizer, splits, autocast)
+    weights = torch.tensor(args.class_weights, device=device) if args.class_weights else None
+    TRAINING.set()
+    summary = trainer.train(
+        model,
+        optimizer,
+        scaler,
+        progress,
+        plan=plan,
+        make_batch=lambda indices: data.collate(train_set[indices], tokenizer),
+        loss_fn=functools.partial(loss_sum, task, weights),
+        learning_rate=lambda updates: trainer.learning_rate_at(
+            updates, args.learning_rate, warmup_steps, total_steps
+        ),
+        autocast=autocast,
+        clip=args.max_grad_norm or math.inf,  # 0: no clipping, but the norm is still checked
+        evaluate=lambda model, step: keep_best(args, progress, step, evaluate_now(model, step)),
+        output_dir=args.output_dir,
+        flags=flags,
+        total_steps=total_steps,
+        logging_steps=args.logging_steps,
+        eval_steps=eval_steps,
+        save_steps=save_steps,
+        stop_requested=stop_requested,
+        report=reporter(args, total_steps, progress["step"]),
+    )
+    if summary["stopped"] and trainer.RANK == 0:
+        print(f"stopped: {summary['step']} steps done; continue with --resume_from_checkpoint auto")
+    elif not summary["stopped"]:
+        write_final_outputs(args, task, model, tokenizer, splits, summary, autocast)
+    return summary["stopped"]
+
+
+def schedule(args, train_set):
+    """The epoch plan, the run's length, its warmup, and how often it evaluates and saves."""
     plan = functools.partial(
         trainer.epoch_plan,
         len(train_set),
@@ -164,42 +218,58 @@ def run(args, stop_requested):
     eval_steps, save_steps = args.eval_steps or steps_per_epoch, args.save_steps or steps_per_epoch
     if args.load_best_model_at_end and eval_steps % save_steps:  # the best needs a checkpoint
         raise trainer.AllRanksError("--load_best_model_at_end: save at every --eval_steps")
-    optimizer = trainer.build_optimizer(model, args.learning_rate, args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # fp16's range needs it
-    progress, flags, lock = resume_or_start(args, model, optimizer, scaler, train_set, total_steps)
-    dtype = torch.bfloat16 if args.bf16 else torch.float16
-    autocast = functools.partial(torch.autocast, device.type, dtype)  # a fresh context each use
-    autocast = autocast if args.bf16 or args.fp16 else contextlib.nullcontext
-    evaluate_now = functools.partial(evaluate, args, task, tokenizer, splits, autocast)
-    TRAINING.set()
-    summary = trainer.train(
-        model,
-        optimizer,
-        scaler,
-        progress,
-        plan=plan,
-        make_batch=lambda indices: data.collate(train_set[indices], tokenizer),
-        # The model's own loss (cross-entropy, or MSE for a score) is the micro-batch's mean.
-        loss_fn=lambda model, batch: model(**batch).loss * len(batch["labels"]),
-        learning_rate=lambda updates: trainer.learning_rate_at(
-            updates, args.learning_rate, warmup_steps, total_steps
-        ),
-        autocast=autocast,
-        clip=args.max_grad_norm or math.inf,  # 0: no clipping, but the norm is still checked
-        evaluate=lambda model, step: keep_best(args, progress, step, evaluate_now(model, step)),
-        output_dir=args.output_dir,
-        flags=flags,
-        total_steps=total_steps,
-        logging_steps=args.logging_steps,
-        eval_steps=eval_steps,
-        save_steps=save_steps,
-        stop_requested=stop_requested,
-    )
-    if summary["stopped"] and trainer.RANK == 0:
-        print(f"stopped: {summary['step']} steps done; continue with --resume_from_checkpoint auto")
-    elif not summary["stopped"]:
-        write_final_outputs(args, task, model, tokenizer, splits, summary, autocast)
-    return summary["stopped"]
+    return plan, total_steps, warmup_steps, eval_steps, save_steps
+
+
+def loss_sum(task, class_weights, model, batch):
+    """A micro-batch's loss summed over its examples, and their number, as trainer.train_step
+    takes it: cross-entropy for classes, squared error for a score. A class weight multiplies
+    its examples' losses, and the sum is still divided by the step's examples, not by the sum of
+    their weights (torch's weighted mean): that divisor changes with each micro-batch's classes,
+    so micro-batches and ranks would no longer add up to one batch. Balanced weights average 1
+    over the training set, so the loss keeps its scale."""
+    labels = batch["labels"]
+    logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+    if not task["classes"]:
+        return F.mse_loss(logits.float().squeeze(-1), labels, reduction="sum"), len(labels)
+    return F.cross_entropy(logits.float(), labels, class_weights, reduction="sum"), len(labels)
+
+
+def reporter(args, total_steps, first_step):
+    """report() for trainer.train: prints each record and, with --report_to tensorboard, writes
+    its numbers as train/* or eval/* scalars. purge_step: TensorBoard drops what a killed run
+    logged past the step this one resumes from, so each step appears once."""
+    writer = None
+    if args.report_to == "tensorboard" and trainer.RANK == 0:
+        from torch.utils.tensorboard import SummaryWriter  # optional: load() checked it is there
+
+        logging_dir = args.logging_dir or os.path.join(args.output_dir, "runs")
+        writer = SummaryWriter(logging_dir, purge_step=first_step + 1)
+
+    def report(record):
+        print_record(record, total_steps)
+        if writer:
+            section, values = ("eval", record["eval"]) if "eval" in record else ("train", record)
+            for key, value in values.items():
+                if key != "step" and value is not None:  # no ETA before the pace is known
+                    writer.add_scalar(f"{section}/{key}", value, record["step"])
+            writer.flush()  # a kill loses nothing logged
+
+    return report
+
+
+def print_record(record, total_steps):
+    """A record as one line: `step 50/345  loss 0.6541 ...  eta 0:04:10`, or the step's scores."""
+    where = f"step {record['step']}/{total_steps}"
+    if "eval" in record:
+        print(
+            f"{where}: " + "  ".join(f"{k} {v:.4f}" for k, v in record["eval"].items()), flush=True
+        )
+    else:
+        values = [f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "eta_seconds")]
+        eta = record["eta_seconds"]
+        values += [] if eta is None else [f"eta {datetime.timedelta(seconds=round(eta))}"]
+        print(where, *values, sep="  ", flush=True)
 
 
 def load(args):
@@ -216,6 +286,8 @@ def load(args):
         raise ValueError("--validation_file and --test_file go with --train_file, not --task_name")
     if args.do_predict and args.train_file and not args.test_file:
         raise ValueError("--do_predict with --train_file needs a --test_file to predict")
+    if args.report_to == "tensorboard" and not importlib.util.find_spec("tensorboard"):
+        raise ValueError("--report_to tensorboard: pip install tensorboard")
     device = trainer.setup_distributed(args.ddp_timeout or 1800)
     if trainer.RANK != 0:  # one copy of the libraries' messages (the model-load report), not N
         transformers.logging.set_verbosity_error()
@@ -250,7 +322,25 @@ def load(args):
         args.metric_for_best_model = (args.metric_for_best_model or names[0]).removeprefix("eval_")
     if args.metric_for_best_model not in [None, *names]:
         raise trainer.AllRanksError(f"--metric_for_best_model must be one of {names}")
+    if args.class_weights:
+        args.class_weights = class_weights(args.class_weights, task["classes"], splits["train"])
     return device, task, tokenizer, model.to(device), splits
+
+
+def class_weights(weights, classes, train_set):
+    """--class_weights as one weight per class. `balanced` is scikit-learn's rule, n / (classes x
+    count): a class's examples weigh as much in all as any other's, and the mean weight is 1."""
+    if not classes:
+        raise trainer.AllRanksError("--class_weights: this task has no classes: leave it out")
+    if weights == "balanced":
+        counts = np.bincount(train_set["labels"], minlength=len(classes))
+        if not counts.all():
+            missing = classes[counts.argmin()]
+            raise trainer.AllRanksError(f"--class_weights balanced: no {missing!r} to train on")
+        weights = (len(train_set) / (len(classes) * counts)).tolist()
+    if len(weights) != len(classes):
+        raise trainer.AllRanksError(f"--class_weights: give {len(classes)} weights, for {classes}")
+    return weights
 
 
 def resume_or_start(args, model, optimizer, scaler, train_set, total_steps):
@@ -286,7 +376,13 @@ def resume_or_start(args, model, optimizer, scaler, train_set, total_steps):
             error = f"cannot write --output_dir {args.output_dir} ({write_error.strerror})"
     trainer.check_all_ranks(error)
     if trainer.RANK == 0:  # what runs, and what the resume found
-        print(f"{len(train_set)} examples, {total_steps} steps", *notes, sep="\n", flush=True)
+        labels = " / ".join(model.config.id2label.values())  # --class_weights' order
+        print(
+            f"{len(train_set)} examples ({labels}), {total_steps} steps",
+            *notes,
+            sep="\n",
+            flush=True,
+        )
     return progress, flags, lock
 
 
@@ -385,12 +481,12 @@ def write_final_outputs(args, task, model, tokenizer, splits, summary, autocast)
     record = {"task": args.task_name or args.train_file, "model": args.model_name_or_path}
     record |= {key: summary.get(key) for key in ["step", "skipped_steps", "early_stopped"]}
     record["train_samples_per_second"] = summary["examples"] / max(summary["seconds"], 1e-9)
-    record["eval"] = summary["final"]
+    record["eval"] = summary["eval"]
     if args.load_best_model_at_end:  # final/'s weights; "eval", the last, is the honest score
         note = "final/ holds this evaluation's weights, chosen on the dev set: optimistic scores"
         record["best"] = {"step": summary["best_step"], "eval": summary["best_eval"], "note": note}
     save_model(model, tokenizer, os.path.join(args.output_dir, "final"), record)
-    print("done: " + "  ".join(f"{k} {v:.4f}" for k, v in summary["final"].items()), flush=True)
+    print("done: " + "  ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()), flush=True)
 
 
 def main(argv=None):

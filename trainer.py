@@ -5,7 +5,14 @@
 3. The epoch plan     <- which examples each rank trains on, step by step
 4. The loop           <- steps, logging, evaluation, checkpoints, stopping
 5. Checkpoints and resume
-It imports only the standard library, numpy and torch: copy it into your project.
+It imports only the standard library, numpy and torch: copy it into your project (README.md has
+a whole program). train() calls, on every rank: plan(epoch) for this rank's steps (epoch_plan);
+make_batch(indices) for their batches (tensors in dicts, lists, tuples); loss_fn(model, batch),
+with DDP's wrapper as the model, for (a loss summed over items, how many: see train_step);
+evaluate(model, step), with the plain model, for a dict of floats (a collective inside it runs on
+every rank; it may set progress["early_stopped"]); stop_requested.is_set() (once true on any rank,
+all save and stop after the step); report(record) with each record of log.jsonl (default: print).
+logging_steps, eval_steps, save_steps: None or 0 for never; the last step logs, evaluates, saves.
 """
 
 import contextlib
@@ -67,7 +74,8 @@ def to_device(batch, device):
     if isinstance(batch, dict):
         return {key: to_device(value, device) for key, value in batch.items()}
     if isinstance(batch, list | tuple):
-        return type(batch)(to_device(value, device) for value in batch)
+        values = [to_device(value, device) for value in batch]
+        return type(batch)(*values) if hasattr(batch, "_fields") else type(batch)(values)
     return batch.to(device) if isinstance(batch, torch.Tensor) else batch
 
 
@@ -89,29 +97,31 @@ def learning_rate_at(updates, peak, warmup_steps, total_steps):
     """The rate after `updates` applied updates: a linear warmup from 0 to the peak, then a linear
     decay to 0 at total_steps. A function of the count alone: a resume has nothing to restore.
     Skipped steps (non-finite gradients) are no updates, as in Hugging Face's Trainer: after k of
-    them the last step's rate is k/(total_steps - warmup_steps) of the peak, not 0."""
+    them the run ends at k/(total_steps - warmup_steps) of the peak, not at 0."""
     if updates < warmup_steps:
         return peak * updates / warmup_steps
     return peak * max(0.0, 1 - (updates - warmup_steps) / max(1, total_steps - warmup_steps))
 
 
 def train_step(
-    model, micro_batches, *, loss_fn, examples_in_step, optimizer, lr, scaler, autocast, clip
+    model, micro_batches, examples_in_step, lr, loss_fn, optimizer, scaler, autocast, clip
 ):
     """One optimizer step at learning rate `lr` over this rank's micro-batches (on the device).
+    loss_fn(model, batch) returns (the batch's loss *summed* over its items, their number): items
+    are what the loss averages over (examples, tokens, labelled positions); the gradients become
+    those of the mean over all the step's items on all ranks. examples_in_step: the step's
+    examples on all ranks. autocast(): a fresh context for each forward, e.g.
+    functools.partial(torch.autocast, "cuda", torch.bfloat16), or contextlib.nullcontext (fp32).
+    Returns (this rank's loss sum and items, the gradient norm before clipping, whether applied).
 
-    loss_fn(model, batch) returns a micro-batch's loss *summed* over its examples, and
-    examples_in_step counts the examples of the whole step on all ranks. autocast() makes a fresh
-    context for each forward: functools.partial(torch.autocast, "cuda", torch.bfloat16), or
-    contextlib.nullcontext for fp32. Returns (this rank's summed loss as a device tensor, the
-    gradient norm before clipping, whether it was applied).
-    """
-    # Each summed loss is divided by the examples of the whole step, so the gradients add up to
-    # the mean over exactly this step's examples, however they are split into ranks and
-    # micro-batches, and for a short last step too. DDP averages gradients over ranks: the
-    # WORLD_SIZE factor turns that average back into the sum.
-    loss_weight = WORLD_SIZE / examples_in_step
-    losses = []
+    For example, 2 ranks, each with micro-batches of 8 and 7 examples (30 in the step), holding
+    100 and 90 tokens on rank 0, 120 and 50 on rank 1 (360). Each summed loss is multiplied by
+    2/30 before its backward (a mean's range, for fp16), and DDP averages the 2 ranks' gradients:
+    they hold the step's sum / 30. The items, all-reduced to 360, then scale them by 30/360: the
+    sum / 360, the mean over the step's tokens, as one batch of 360 tokens gives (for examples,
+    30/30 changes nothing)."""
+    loss_weight = WORLD_SIZE / examples_in_step  # x WORLD_SIZE: DDP's average back to the sum
+    losses, items = [], 0
     for index, batch in enumerate(micro_batches):
         # Under DDP each backward all-reduces the gradients across ranks. Between micro-batches
         # only the local sum is needed: no_sync() skips that communication until the last one.
@@ -120,13 +130,22 @@ def train_step(
             # autocast covers the forward and the loss: matmuls in bf16/fp16, range-sensitive ops
             # in fp32. The backward stays outside: each op's backward runs in its forward's dtype.
             with autocast():
-                loss = loss_fn(model, batch)
+                loss, count = loss_fn(model, batch)
             # fp16 gradients below ~6e-8 underflow to zero, so the scaler multiplies the loss by
             # a large factor first (without fp16 it is disabled and does nothing).
             scaler.scale(loss * loss_weight).backward()
         losses.append(loss.detach())
+        items += count
+    items = torch.as_tensor(items, dtype=torch.float64, device=loss.device)  # counted exactly
+    loss_and_items = torch.stack([sum(losses).double(), items])
+    step_items = loss_and_items[1].clone()  # then all ranks'
+    if WORLD_SIZE > 1:
+        dist.all_reduce(step_items)
     # Divide the fp16 loss scale out of the gradients first: clipping compares the true norm.
     scaler.unscale_(optimizer)
+    for parameter in model.parameters():  # from the mean over examples to the mean over items
+        if parameter.grad is not None:
+            parameter.grad *= examples_in_step / step_items
     total_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     # The step's one wait for the device: the host decides whether to apply the update. A NaN/inf
     # gradient (an fp16 overflow, or a real divergence) skips it.
@@ -137,9 +156,8 @@ def train_step(
     if update_applied:
         scaler.step(optimizer)  # optimizer.step(), through the fp16 scaler's bookkeeping
     scaler.update()  # fp16: halve the scale after an overflow, grow it after many good steps
-    # set_to_none: the next backward writes the gradients instead of adding them to zeros.
-    optimizer.zero_grad(set_to_none=True)
-    return torch.stack(losses).sum(), grad_norm, update_applied
+    optimizer.zero_grad(set_to_none=True)  # the next backward writes them, not adds to zeros
+    return loss_and_items, grad_norm, update_applied
 
 
 # === 3. The epoch plan ===========================================================================
@@ -166,17 +184,16 @@ def epoch_plan(num_examples, epoch, *, batch_size, accumulation, seed, lengths):
         windows = [order[i : i + 50 * step_size] for i in range(0, num_examples, 50 * step_size)]
         order = np.concatenate([w[np.argsort(-lengths[w], kind="stable")] for w in windows])
     steps = [order[i : i + step_size] for i in range(0, num_examples, step_size)]
-    short = [steps.pop()] if len(steps[-1]) < step_size else []  # a short step stays last...
-    short = [s for s in short if len(s) >= world_size]  # ...unless some rank would get nothing
+    short = [steps.pop()] if len(steps[-1]) < step_size else []  # a short step stays last, but
+    short = [s for s in short if len(s) >= world_size]  # fewer examples than ranks are dropped
     if lengths is not None and steps:
         steps = [steps[i] for i in generator.permutation(len(steps))]
         longest = max(range(len(steps)), key=lambda s: lengths[steps[s]].max())
         steps.insert(0, steps.pop(longest))
     plan = []
     for step in steps + short:
-        # As many micro-batches as batch_size needs (a short step needs fewer), the same number on
-        # every rank (DDP requires it), their sizes evened by array_split: a short step of 20
-        # examples at batch 8 on one rank gives 7, 7 and 6.
+        # As many micro-batches as batch_size needs (fewer in a short step), as many on every rank
+        # (DDP needs it), sizes evened by array_split: 20 examples at batch 8 on one rank: 7, 7, 6.
         micro_steps = min(math.ceil(len(step) / (batch_size * world_size)), len(step) // world_size)
         pieces = np.array_split(step, micro_steps * world_size)  # rank r: pieces r, r + W, ...
         plan.append((len(step), [p.tolist() for p in pieces[RANK::world_size]]))
@@ -206,46 +223,51 @@ def train(
     eval_steps,
     save_steps,
     stop_requested,
+    report=print,
 ):
-    """Train from `progress` to total_steps. plan(epoch) gives this rank's steps (epoch_plan),
-    make_batch(indices) a batch, learning_rate(updates) the rate, evaluate(model, step) a dict of
-    floats to log (it may set progress["early_stopped"]). A set stop_requested saves, then stops."""
+    """Train from `progress` to total_steps on every rank, calling what this module's docstring
+    lists. Returns progress: `eval`, the last evaluation's scores, and `stopped` among its keys."""
     device = next(model.parameters()).device
     # DDP all-reduces the gradients across ranks during backward, overlapped with it.
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if WORLD_SIZE > 1 else model
     plan = functools.lru_cache(maxsize=1)(plan)  # each epoch's plan is made once
-    steps_per_epoch, stopped = len(plan(0)), False
-    window = torch.zeros((), device=device)  # the loss summed since the last log record
-    last_eval = all_gather(truncate_log(output_dir, progress["step"]))[0]  # the first write
+    steps_per_epoch, launch_step, stopped = len(plan(0)), progress["step"], False
+    window = torch.zeros(2, dtype=torch.float64, device=device)  # loss and items since the log
+    truncate_log(output_dir, launch_step)  # the first write
     while progress["step"] < total_steps and not (stopped or progress.get("early_stopped")):
         model.train()  # dropout on: a model may come in eval mode, and evaluate() may leave it so
         started = time.perf_counter()
         epoch, step_in_epoch = divmod(progress["step"], steps_per_epoch)
         examples_in_step, micro_batch_ids = plan(epoch)[step_in_epoch]
-        loss_sum, grad_norm, update_applied = train_step(
-            ddp_model,
-            [to_device(make_batch(ids), device) for ids in micro_batch_ids],
-            loss_fn=loss_fn,
-            examples_in_step=examples_in_step,
-            optimizer=optimizer,
-            lr=learning_rate(progress["step"] - progress["skipped_steps"]),  # counts updates
-            scaler=scaler,
-            autocast=autocast,
-            clip=clip,
+        batches = [to_device(make_batch(ids), device) for ids in micro_batch_ids]
+        lr = learning_rate(progress["step"] - progress["skipped_steps"])  # counts updates
+        loss_and_items, grad_norm, update_applied = train_step(
+            ddp_model, batches, examples_in_step, lr, loss_fn, optimizer, scaler, autocast, clip
         )
-        window += loss_sum
+        window += loss_and_items
         step = count_step(progress, update_applied, examples_in_step, time.perf_counter() - started)
+        if step <= launch_step + 2:  # a launch's first steps compile and fill caches: no pace yet
+            clock = (step, time.perf_counter())
         stopped = any(all_gather(stop_requested.is_set()))  # all stop after the same step
-        save = stopped or step == total_steps or step % save_steps == 0
-        if save or step % logging_steps == 0:  # a save closes the log window
-            window = log(output_dir, window, progress, optimizer, grad_norm)
-        if step == total_steps or step % eval_steps == 0:
-            last_eval = log_evaluation(output_dir, step, evaluate(model, step))  # the plain model
+        scores = evaluate(model, step) if due(step, eval_steps, total_steps) else None
+        # A stop of any kind saves, so that a relaunch continues it instead of redoing steps.
+        save = stopped or progress.get("early_stopped") or due(step, save_steps, total_steps)
+        if save or due(step, logging_steps, total_steps):  # a save closes the log window
+            eta = seconds_left(clock, step, total_steps)
+            window = log(output_dir, report, window, progress, lr, grad_norm, eta)
+        if scores is not None:  # evaluate() got the plain model: the DDP wrapper is for training
+            log_evaluation(output_dir, report, progress, scores)
         if save:
             save_checkpoint(output_dir, model, optimizer, scaler, progress, flags)
-    if last_eval is None and not stopped:  # resumed at the end, no evaluation logged there
-        last_eval = log_evaluation(output_dir, progress["step"], evaluate(model, progress["step"]))
-    return dict(progress, stopped=stopped, final=last_eval)
+    if progress.get("evaluated") != progress["step"] and not stopped:  # resumed at the end
+        log_evaluation(output_dir, report, progress, evaluate(model, progress["step"]))
+        save_checkpoint(output_dir, model, optimizer, scaler, progress, flags)  # with the scores
+    return dict(progress, stopped=stopped)
+
+
+def due(step, every, total_steps):
+    """Whether it is time: every `every` steps (None or 0: never) and at the last step."""
+    return step == total_steps or bool(every) and step % every == 0
 
 
 def count_step(progress, update_applied, examples, seconds):
@@ -263,38 +285,45 @@ def count_step(progress, update_applied, examples, seconds):
     return progress["step"]
 
 
-def log(output_dir, window, progress, optimizer, grad_norm):
-    """Rank 0 logs the steps since the last record; returns the next window's loss sum: zero."""
+def seconds_left(clock, step, total_steps):
+    """Wall time to the end at the pace since `clock` (a step, when it ended); None at that step."""
+    if step > clock[0]:
+        return (time.perf_counter() - clock[1]) / (step - clock[0]) * (total_steps - step)
+
+
+def log(output_dir, report, window, progress, lr, grad_norm, eta):
+    """Rank 0 logs the steps since the last record; returns the next window: zeros."""
     if WORLD_SIZE > 1:
         dist.all_reduce(window)
+    loss_sum, items = window.tolist()  # waits for the device: once a record, not every step
     logged_examples, logged_seconds = progress["logged"]
     examples, seconds = progress["examples"] - logged_examples, progress["seconds"] - logged_seconds
     progress["logged"] = [progress["examples"], progress["seconds"]]
     record = {
         "step": progress["step"],
-        "loss": window.item() / examples,  # waits for the device: once a log, not every step
-        "lr": optimizer.param_groups[0]["lr"],
+        "loss": loss_sum / items,
+        "lr": lr,
         "grad_norm": grad_norm,
         "skipped_steps": progress["skipped_steps"],
         "samples_per_second": examples / seconds,
+        "eta_seconds": eta,
     }
-    if RANK == 0:
-        append_log(output_dir, record)
-        print("  ".join(f"{key} {value:.4g}" for key, value in record.items()), flush=True)
+    append_log(output_dir, report, record)
     return torch.zeros_like(window)
 
 
-def log_evaluation(output_dir, step, scores):
+def log_evaluation(output_dir, report, progress, scores):
+    """Logs the scores, and keeps them in progress: a resume at the end has them."""
+    progress |= {"evaluated": progress["step"], "eval": scores}
+    append_log(output_dir, report, {"step": progress["step"], "eval": scores})
+
+
+def append_log(output_dir, report, record):
+    """Rank 0 appends in place (truncate_log drops a line a kill cut short), then reports."""
     if RANK == 0:
-        append_log(output_dir, {"step": step, "eval": scores})
-        print(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
-    return scores
-
-
-def append_log(output_dir, record):
-    """Appended in place: truncate_log drops a line that a kill cut short at the next start."""
-    with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
-        f.write(to_json(record) + "\n")
+        with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
+            f.write(to_json(record) + "\n")
+        report(record)
 
 
 def to_json(record, indent=None):
@@ -305,21 +334,18 @@ def to_json(record, indent=None):
 # === 5. Checkpoints and resume ===================================================================
 # A resumed run continues exactly where the interrupted one stopped. A checkpoint holds the
 # weights, the optimizer's moments, the fp16 loss scale, each rank's torch random streams (draw
-# your randomness, like dropout, from them) and the step: the whole position in the data (the
-# plan depends only on (seed, epoch)) and in the learning-rate schedule. It holds the run's flags
-# too; those that make it another run must match.
+# your randomness, like dropout, from them), the step (the whole position in the data and the
+# schedule) and the run's flags, of which those that make it another run must match.
 
 
 def start_or_resume(model, optimizer, scaler, output_dir, flags, must_match):
     """Load the newest checkpoint in output_dir (none there, or None: start afresh) into the
     freshly built objects; writes nothing, but sets torch's random state: make your data first.
-    flags: the run's settings as plain values (str, int, float, bool, None), "seed" among them;
-    must_match: the names of those that make it another run. Returns (progress, notes to print)."""
-    for name, value in flags.items():  # torch.load(weights_only=True) reads nothing else back
-        if type(value) not in (str, int, float, bool, type(None)):
-            raise ValueError(f"flags[{name!r}] is a {type(value).__name__}: give a plain value")
-    if unknown := set(must_match) - set(flags):
-        raise ValueError(f"must_match names {sorted(unknown)}, which flags does not have")
+    flags: the run's settings, "seed" among them; must_match: the names of those that make it
+    another run. Returns (progress, notes to print)."""
+    check_plain("flags", flags)
+    if missing := ({"seed"} | set(must_match)) - set(flags):
+        raise ValueError(f"flags has no {sorted(missing)}: seed and each must_match name need one")
     torch.manual_seed(flags["seed"] + RANK * 2**32)  # every rank its own dropout stream, every GPU
     path, checkpoint, notes = choose_checkpoint(output_dir)
     if checkpoint is None:
@@ -350,6 +376,16 @@ def start_or_resume(model, optimizer, scaler, output_dir, flags, must_match):
         if cuda_rng is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(cuda_rng)
     return progress, [*notes, f"resuming from {path} (step {progress['step']})", *changed.values()]
+
+
+def check_plain(name, value):
+    """torch.load(weights_only=True) reads back str, int, float, bool, None and lists, tuples and
+    dicts of them, not numpy's scalars or paths: refuse anything else, by name, before saving."""
+    if type(value) in (list, tuple, dict):
+        for key, item in value.items() if type(value) is dict else enumerate(value):
+            check_plain(f"{name}[{key!r}]", item)
+    elif type(value) not in (str, int, float, bool, type(None)):
+        raise AllRanksError(f"{name} is a {type(value).__name__}: give a plain value")
 
 
 def first_line(error):
@@ -390,6 +426,7 @@ def choose_checkpoint(output_dir):
 def save_checkpoint(output_dir, model, optimizer, scaler, progress, flags):
     """checkpoint-{step}.pt with all a resume needs; the one before stays too, should this one
     break. Call it on every rank: it gathers their random streams; rank 0 writes."""
+    check_plain("progress", progress)
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None  # this GPU's
     rng = all_gather((torch.get_rng_state(), cuda_rng))
     if RANK == 0:  # DDP keeps the replicas identical: one copy of model and optimizer will do
@@ -429,20 +466,15 @@ def write_atomically(path, write):
 
 def truncate_log(output_dir, step):
     """Before a run writes its first record: drop those past `step` (a resumed run redoes those
-    steps, and each step appears once) and any line that a kill cut short. Rank 0 writes, and
-    gets the scores of an evaluation logged at `step`, if there is one."""
+    steps, and each step appears once) and any line that a kill cut short. Rank 0 writes."""
     if RANK != 0:
-        return None
+        return
     os.makedirs(output_dir, exist_ok=True)
-    path, kept, scores = os.path.join(output_dir, "log.jsonl"), [], None
+    path, kept = os.path.join(output_dir, "log.jsonl"), []
     with open(path, "a+") as f:
         f.seek(0)
         for line in f:
             with contextlib.suppress(ValueError, KeyError, TypeError):
-                record = json.loads(line)
-                if line.endswith("\n") and record["step"] <= step:
+                if line.endswith("\n") and json.loads(line)["step"] <= step:
                     kept.append(line)
-                    if record["step"] == step and "eval" in record:
-                        scores = record["eval"]
     write_atomically(path, lambda f: f.write("".join(kept).encode()))
-    return scores and {k: math.nan if v is None else v for k, v in scores.items()}  # null: NaN

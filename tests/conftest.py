@@ -163,6 +163,31 @@ def read_log(output_dir):
         return [json.loads(line) for line in f]
 
 
+def assert_tensorboard_shows_the_log(output_dir):
+    """TensorBoard's scalars in output_dir/runs are log.jsonl's numbers, each step once."""
+    import pytest
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(output_dir, "runs"))
+    events.Reload()
+    shown = {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
+    expected = {}
+    for record in read_log(output_dir):
+        section, values = ("eval", record["eval"]) if "eval" in record else ("train", record)
+        for key, value in values.items():
+            if key != "step" and value is not None:
+                expected.setdefault(f"{section}/{key}", []).append((record["step"], value))
+    assert sorted(shown) == sorted(expected) and "train/loss" in shown
+    for tag, points in expected.items():
+        assert [step for step, _ in shown[tag]] == [step for step, _ in points], tag
+        assert [v for _, v in shown[tag]] == pytest.approx(
+            [v for _, v in points], rel=1e-6, nan_ok=True
+        ), tag
+    return shown
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: long fault trials; run with `python -m pytest -m slow`"

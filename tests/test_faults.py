@@ -437,7 +437,7 @@ def test_a_checkpoint_holding_a_pickled_callable_is_refused(tmp_path, monkeypatc
 
 
 def nan_after(monkeypatch, first_bad_call, bad_calls):
-    """Make the model's training forward return a NaN loss on calls [first, first + count)."""
+    """Make the model's training forward return NaN logits on calls [first, first + count)."""
     from transformers import BertForSequenceClassification
 
     forward, calls = BertForSequenceClassification.forward, [0]
@@ -447,7 +447,7 @@ def nan_after(monkeypatch, first_bad_call, bad_calls):
         if self.training:
             calls[0] += 1
             if first_bad_call <= calls[0] < first_bad_call + bad_calls:
-                out.loss = out.loss * float("nan")
+                out.logits = out.logits * float("nan")
         return out
 
     monkeypatch.setattr(BertForSequenceClassification, "forward", poisoned)

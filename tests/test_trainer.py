@@ -1,12 +1,12 @@
 """trainer.py on its own, as a project that copies it uses it: a plain torch model, its own batches
-and loss. The README's example is `main` below, run as a script by the first test."""
+and loss. The README's example.py is run as printed: stopped, resumed, and under torchrun."""
 
 import contextlib
 import functools
-import inspect
 import math
 import os
 import pathlib
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,72 +22,24 @@ import trainer
 from conftest import ROOT, read_log
 
 
-def main(output_dir):
-    """A small regression network trained with trainer.py alone: a checkpoint every 50 steps,
-    a stop on SIGTERM (after a checkpoint), a resume from the newest checkpoint at the next start.
-    Runs as `python` or as `torchrun --nproc_per_node=N`."""
-    device = trainer.setup_distributed()  # under torchrun: join its process group
-    torch.manual_seed(0)  # the data and the initial weights, the same on every rank
-    inputs = torch.randn(4096, 32)
-    targets = inputs @ torch.randn(32, 1) + 0.1 * torch.randn(4096, 1)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(256, 1)
-    ).to(device)
-    optimizer = trainer.build_optimizer(model, learning_rate=1e-3, weight_decay=0.01)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)  # fp32: the scaler does nothing
-    # Saved in each checkpoint; a resume must match them (the global batch: the same data order).
-    flags = {"seed": 0, "global_batch_size": 32 * trainer.WORLD_SIZE}
-    # Resume from the newest checkpoint in output_dir, if there is one.
-    progress, notes = trainer.start_or_resume(
-        model, optimizer, scaler, output_dir, flags, must_match=["seed", "global_batch_size"]
-    )
-    print(*notes, sep="\n")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())  # stop after this step
-
-    def evaluate(model, step):
-        model.eval()
-        with torch.no_grad():
-            mse = F.mse_loss(model(inputs[:512].to(device)), targets[:512].to(device)).item()
-        return {"mse": mse}
-
-    summary = trainer.train(
-        model,
-        optimizer,
-        scaler,
-        progress,
-        plan=lambda epoch: trainer.epoch_plan(
-            len(inputs), epoch, batch_size=32, accumulation=1, seed=0, lengths=None
-        ),
-        make_batch=lambda indices: {"x": inputs[indices], "y": targets[indices]},
-        loss_fn=lambda model, batch: F.mse_loss(model(batch["x"]), batch["y"], reduction="sum"),
-        learning_rate=lambda updates: trainer.learning_rate_at(updates, 1e-3, 100, 2000),
-        autocast=contextlib.nullcontext,  # bf16: partial(torch.autocast, "cuda", torch.bfloat16)
-        clip=1.0,
-        evaluate=evaluate,
-        output_dir=output_dir,
-        flags=flags,
-        total_steps=2000,
-        logging_steps=50,
-        eval_steps=500,
-        save_steps=50,
-        stop_requested=stop,
-    )
-    if not summary["stopped"] and trainer.RANK == 0:
-        path = os.path.join(output_dir, "model.pt")
-        trainer.write_atomically(path, lambda f: torch.save(model.state_dict(), f))
-    if trainer.WORLD_SIZE > 1:
-        torch.distributed.destroy_process_group()  # after every rank is done
+def readme_example(folder):
+    """example.py as the README prints it, written into `folder`; its commands, as printed."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    (folder / "example.py").write_text(readme.split("```python\n")[1].split("```")[0])
+    return [
+        shlex.split(line)
+        for line in readme.splitlines()
+        if line.endswith(" example.py runs/example")
+    ]
 
 
-if __name__ == "__main__":
-    main(sys.argv[1])
-
-
-def run_example(output_dir):
+def run_example(folder, command):
     env = dict(os.environ, PYTHONPATH=ROOT)  # where trainer.py is
-    return subprocess.Popen([sys.executable, __file__, str(output_dir)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    if command[0] == "python":
+        command = [sys.executable, *command[1:]]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=folder)  # fmt: skip
 
 
 def losses(output_dir):
@@ -95,10 +47,14 @@ def losses(output_dir):
 
 
 def test_the_readme_example_stops_on_sigterm_and_resumes_to_the_same_weights(tmp_path):
-    straight = run_example(tmp_path / "straight")
+    python, _ = readme_example(tmp_path)
+    (tmp_path / "resumed").mkdir()
+    readme_example(tmp_path / "resumed")
+    straight = run_example(tmp_path, python)
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
-    out = tmp_path / "interrupted"
-    process = run_example(out)
+    folder = tmp_path / "resumed"
+    out = folder / "runs/example"
+    process = run_example(folder, python)
     while not (out / "log.jsonl").exists() or max(losses(out), default=0) < 300:
         assert process.poll() is None, process.stdout.read()
         time.sleep(0.02)
@@ -107,18 +63,20 @@ def test_the_readme_example_stops_on_sigterm_and_resumes_to_the_same_weights(tmp
     stopped_at = max(losses(out))  # a stop always saves, so the last logged step is saved
     assert stopped_at < 2000 and (out / f"checkpoint-{stopped_at}.pt").exists()
     assert not (out / "model.pt").exists()
-    resumed = run_example(out)
+    resumed = run_example(folder, python)
     output = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0 and f"resuming from {out}/checkpoint-{stopped_at}.pt" in output
-    a, b = (
-        torch.load(folder / "model.pt", weights_only=True)
-        for folder in (tmp_path / "straight", out)
+    assert (
+        resumed.returncode == 0
+        and f"resuming from runs/example/checkpoint-{stopped_at}.pt" in output
     )
+    assert output.startswith("resuming from") and not straight.stdout.read().startswith("\n")
+    a, b = (torch.load(folder / "runs/example/model.pt", weights_only=True)
+            for folder in (tmp_path, folder))  # fmt: skip
     assert all(torch.equal(a[k], b[k]) for k in a), "dropout on: the random streams must resume"
     window = {stopped_at, -(-stopped_at // 50) * 50}  # the stop's checkpoint closed its window
     kept = [
         {s: v for s, v in losses(run).items() if s not in window}
-        for run in (out, tmp_path / "straight")
+        for run in (out, tmp_path / "runs/example")
     ]
     assert kept[0] == kept[1] and len(kept[0]) >= 38
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [
@@ -127,23 +85,40 @@ def test_the_readme_example_stops_on_sigterm_and_resumes_to_the_same_weights(tmp
     ]
 
 
-def test_the_readme_shows_this_example_as_it_is():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        assert inspect.getsource(main) in f.read()
+def test_the_readme_example_runs_under_torchrun_as_printed_and_refuses_another_world_size(tmp_path):
+    python, torchrun = readme_example(tmp_path)
+    assert torchrun[:2] == ["torchrun", "--nproc_per_node=2"]
+    (tmp_path / "other").mkdir()
+    readme_example(tmp_path / "other")
+    assert run_example(tmp_path / "other", python).wait(timeout=300) == 0  # one process: batch 32
+    refused = run_example(tmp_path / "other", torchrun)  # two: a global batch of 64
+    output = refused.communicate(timeout=300)[0]
+    assert refused.returncode != 0
+    assert (
+        output.count(
+            "error: cannot resume runs/example/checkpoint-2000.pt: it is another run (global_batch_size 32 -> 64"
+        )
+        == 1
+    ), output
+    assert 'example.py", line' not in output and 'trainer.py", line' not in output  # no traceback
+    assert "terminate called" not in output and "(SIGTERM)" not in output  # each rank exits 1
+    process = run_example(tmp_path, torchrun)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output[-3000:]
+    mse = [
+        record["eval"]["mse"] for record in read_log(tmp_path / "runs/example") if "eval" in record
+    ]
+    assert len(mse) == 4 and mse[-1] < mse[0] and (tmp_path / "runs/example/model.pt").exists()
+
+
+def mse_sum(model, batch):
+    return F.mse_loss(model(batch["x"]), batch["y"], reduction="sum"), len(batch["y"])
 
 
 def plain_step(model, micro_batches, examples_in_step, optimizer, clip=math.inf):
-    return trainer.train_step(
-        model,
-        micro_batches,
-        loss_fn=lambda model, batch: F.mse_loss(model(batch["x"]), batch["y"], reduction="sum"),
-        examples_in_step=examples_in_step,
-        optimizer=optimizer,
-        lr=0.1,
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        autocast=contextlib.nullcontext,
-        clip=clip,
-    )
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return trainer.train_step(model, micro_batches, examples_in_step, 0.1, mse_sum, optimizer,
+                              scaler, contextlib.nullcontext, clip)  # fmt: skip
 
 
 def test_micro_batches_of_a_step_give_the_update_of_one_big_batch_and_nan_skips_it():
@@ -239,16 +214,6 @@ def test_the_step_with_the_longest_example_comes_first(monkeypatch):
         assert 417 in plan(monkeypatch, 500, 8, 1, 1, 0, 0, epoch, lengths)[0][1][0]
 
 
-def test_the_readme_example_runs_under_torchrun(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    result = subprocess.run([*command, __file__, str(tmp_path)], capture_output=True, text=True,
-                            env=env, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    mse = [record["eval"]["mse"] for record in read_log(tmp_path) if "eval" in record]
-    assert len(mse) == 4 and mse[-1] < mse[0] and (tmp_path / "model.pt").exists()
-
-
 def small_run(output_dir, *, flags=None, must_match=(), make_batch=None, loss_fn=None,
               autocast=contextlib.nullcontext, steps=3, model=None, scaler=None, stop=None):  # fmt: skip
     """trainer.train on a linear regression, with the pieces a copier may pass differently."""
@@ -263,7 +228,7 @@ def small_run(output_dir, *, flags=None, must_match=(), make_batch=None, loss_fn
         model, optimizer, scaler, progress,
         plan=lambda epoch: trainer.epoch_plan(64, epoch, batch_size=8, accumulation=1, seed=0, lengths=None),
         make_batch=make_batch or (lambda ids: {"x": inputs[ids], "y": targets[ids]}),
-        loss_fn=loss_fn or (lambda m, b: F.mse_loss(m(b["x"]), b["y"], reduction="sum")),
+        loss_fn=loss_fn or mse_sum,
         learning_rate=lambda updates: 1e-2, autocast=autocast, clip=1.0,
         evaluate=lambda model, step: {"weight": model.weight.sum().item()},
         output_dir=output_dir, flags=flags, total_steps=steps, logging_steps=1, eval_steps=100,
@@ -283,7 +248,7 @@ def test_batches_may_be_tuples_and_autocast_any_context_factory(tmp_path):
 
     inputs, targets = torch.randn(64, 4), torch.randn(64, 1)
     small_run(str(tmp_path), make_batch=lambda ids: (inputs[ids], [targets[ids]]),
-              loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1][0], reduction="sum"),
+              loss_fn=lambda m, b: (F.mse_loss(m(b[0]), b[1][0], reduction="sum"), len(b[0])),
               autocast=counting_autocast)  # fmt: skip
     assert len(entered) == 3
     batch = trainer.to_device((inputs, [targets], {"y": targets}, "text"), torch.device("meta"))
@@ -299,10 +264,10 @@ def test_a_flag_that_is_not_a_plain_value_is_refused_before_anything_is_written(
 
 
 def test_a_must_match_name_that_is_no_flag_is_an_error(tmp_path):
-    with pytest.raises(
-        ValueError, match="must_match names \\['sede'\\], which flags does not have"
-    ):
+    with pytest.raises(ValueError, match="flags has no \\['sede'\\]: seed and each must_match"):
         small_run(str(tmp_path), must_match=["sede"])
+    with pytest.raises(ValueError, match="flags has no \\['seed'\\]"):
+        small_run(str(tmp_path), flags={"lr": 0.1})
 
 
 def test_no_checkpoint_loads_says_why_for_each(tmp_path):
@@ -329,7 +294,7 @@ def test_a_run_relaunched_at_its_end_logs_each_evaluation_once(tmp_path):
     for _ in range(2):  # relaunched as a 1-step run: evaluated at its end, once
         _, _, summary = small_run(out, steps=1)
     assert [(r["step"], "eval" in r) for r in read_log(out)] == [(1, False), (1, True)]
-    assert summary["final"] == read_log(out)[1]["eval"]
+    assert summary["eval"] == read_log(out)[1]["eval"]
 
 
 def test_an_fp16_resume_restores_the_loss_scale_after_an_overflow(tmp_path):

@@ -1,18 +1,23 @@
 """What Hugging Face Trainer users reach for: GLUE from the hub (tested on a local folder in the
-hub's layout), the best model at the end, early stopping."""
+hub's layout), the best model at the end, early stopping, class weights."""
 
+import contextlib
+import functools
 import json
+import math
 import os
 import threading
+import types
 
 import datasets
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import train_glue
 import trainer
-from conftest import GLUE, model_weights, read_log, train_in_process
+from conftest import GLUE, model_weights, read_log, train_in_process, write_rows
 
 SHORT = ["--max_train_samples", 32, "--per_device_train_batch_size", 8, "--learning_rate", 1e-3]
 
@@ -52,7 +57,10 @@ def test_glue_from_the_hubs_layout_gives_the_classic_files_run(tiny_model, hub_g
     classic, hub = (json.load(open(f"{runs[s]}/final/eval.json")) for s in ("classic", "hub"))
     assert classic["eval"] == hub["eval"] and classic["step"] == hub["step"] == 2
     assert open(f"{runs['classic']}/MRPC.tsv").read() == open(f"{runs['hub']}/MRPC.tsv").read()
-    logs = [[r | {"samples_per_second": 0} for r in read_log(runs[s])] for s in ("classic", "hub")]
+    logs = [
+        [r | {"samples_per_second": 0, "eta_seconds": 0} for r in read_log(runs[s])]
+        for s in ("classic", "hub")
+    ]
     assert logs[0] == logs[1]  # the same losses, norms and scores at every step
 
 
@@ -145,7 +153,10 @@ def test_best_model_and_early_stopping_resume_exactly_after_a_kill_past_an_impro
     assert a["step"] == b["step"] == 7 and a["best"] == b["best"] and a["best"]["step"] == 4
     weights = model_weights(f"{straight}/final"), model_weights(f"{out}/final")
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    logs = [[r | {"samples_per_second": 0} for r in read_log(run)] for run in (straight, out)]
+    logs = [
+        [r | {"samples_per_second": 0, "eta_seconds": 0} for r in read_log(run)]
+        for run in (straight, out)
+    ]
     assert logs[0] == logs[1]
 
 
@@ -178,3 +189,52 @@ def test_torch_compile_trains_the_same_steps_through_compiled_code(tiny_model, t
     eager, compiled = (model_weights(f"{run}/final") for run in runs)
     assert eager.keys() == compiled.keys()
     assert all(torch.allclose(eager[k], compiled[k], atol=1e-5) for k in eager)
+
+
+class Classifier(torch.nn.Linear):
+    """A linear layer answering as a Hugging Face classifier does: an object with `.logits`."""
+
+    def forward(self, input_ids):
+        return types.SimpleNamespace(logits=super().forward(input_ids))
+
+
+def test_a_weighted_step_is_the_weighted_sum_of_each_examples_gradient():
+    """--class_weights multiplies each example's loss by its class's weight and divides by the
+    step's examples, across micro-batches: not torch's weighted mean, which divides each
+    micro-batch by its own weights' sum."""
+    torch.manual_seed(0)
+    model, x = Classifier(4, 3), torch.randn(10, 4)
+    y, weights = torch.tensor([0, 1, 2, 2, 2, 0, 1, 2, 2, 2]), torch.tensor([1.0, 4.0, 0.5])
+    expected = (
+        sum(
+            weights[y[i]]
+            * torch.autograd.grad(
+                F.cross_entropy(model(x[i : i + 1]).logits, y[i : i + 1]), model.weight
+            )[0]
+            for i in range(10)
+        )
+        / 10
+    )
+    before, optimizer = model.weight.detach().clone(), torch.optim.SGD(model.parameters(), lr=1.0)
+    micro_batches = [{"input_ids": x[:3], "labels": y[:3]}, {"input_ids": x[3:], "labels": y[3:]}]
+    loss_fn = functools.partial(train_glue.loss_sum, {"classes": ["a", "b", "c"]}, weights)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    trainer.train_step(
+        model, micro_batches, 10, 1.0, loss_fn, optimizer, scaler, contextlib.nullcontext, math.inf
+    )
+    torch.testing.assert_close(before - model.weight.detach(), expected)
+
+
+def test_balanced_class_weights_on_a_skewed_file_weigh_each_class_alike(
+    tiny_model, tmp_path, capsys
+):
+    rows = [{"sentence": f"text {i}", "label": "rare" if i < 2 else "common"} for i in range(8)]
+    path = write_rows(tmp_path / "train.jsonl", rows)
+    argv = ["--train_file", path, "--validation_file", path, "--model_name_or_path", tiny_model,
+            "--output_dir", str(tmp_path / "run"), "--max_steps", 1, "--class_weights", "balanced"]  # fmt: skip
+    train_glue.run(train_glue.parse_args([str(a) for a in argv]), threading.Event())
+    assert "8 examples (common / rare), 1 steps" in capsys.readouterr().out  # the weights' order
+    weights = torch.load(tmp_path / "run/checkpoint-1.pt", weights_only=True)["flags"][
+        "class_weights"
+    ]
+    assert weights == pytest.approx([8 / (2 * 6), 8 / (2 * 2)])  # 6 common, 2 rare: 6 x 2/3 = 2 x 2

@@ -140,7 +140,7 @@ def test_a_nan_score_is_reported_not_fatal_and_written_as_null(
 
     assert strict(open(f"{out}/final/eval.json").read())["eval"]["accuracy"] is None
     assert [strict(line) for line in open(f"{out}/log.jsonl")][-1]["eval"]["accuracy"] is None
-    assert "step 1: accuracy nan" in capsys.readouterr().out
+    assert "step 1/1: accuracy nan" in capsys.readouterr().out
 
 
 def test_a_checkpoint_stored_in_bf16_trains_with_fp32_weights_and_optimizer_state(
