@@ -4,12 +4,14 @@ is a dict: its files by split, its text and label columns, its classes (none: a 
 score), its metrics (the main one first), and where its test predictions go."""
 
 import csv
+import glob
 import hashlib
 import math
 import os
 import re
 
 import datasets
+import pyarrow as pa
 import pyarrow.compute as pc
 
 datasets.disable_progress_bars()
@@ -35,7 +37,7 @@ HUB_TEXTS = {"mrpc": PAIR, "mnli": ["premise", "hypothesis"]}
 PROGRESS_ROWS = 100_000  # about 5 s of tokenizing on a 2-core CPU: show datasets' progress bar
 
 
-def glue_task(name, data_dir, with_test=False, hub="nyu-mll/glue"):
+def glue_task(name, data_dir, with_test=False, hub=None):
     """A GLUE task in the classic layout under data_dir or, without one, from the hub."""
     folder, texts, classes, metrics = GLUE[name]
     splits = ["train", "dev"] + ["test"] * with_test
@@ -49,6 +51,7 @@ def glue_task(name, data_dir, with_test=False, hub="nyu-mll/glue"):
         "texts": texts,
         "label": label,
         "classes": classes,
+        "problem_type": "single_label_classification" if classes else "regression",
         # GLUE's files write a class by its name or its number (SST-2's 0 is negative).
         "label_ids": {key: i for i, name in enumerate(classes) for key in (name, str(i))},
         "metrics": metrics.split(),
@@ -56,7 +59,8 @@ def glue_task(name, data_dir, with_test=False, hub="nyu-mll/glue"):
     }
     if not data_dir:  # the hub's layout: its split names (validation...), texts and `label`
         files = {split: split.replace("dev", "validation") for split in splits}
-        task |= {"files": files, "hub": (hub, name), "columns": None, "label": "label"}
+        task |= {"files": files, "hub": (hub or "nyu-mll/glue", name), "columns": None}
+        task["label"] = "label"
         task["texts"] = HUB_TEXTS.get(name, texts)
     return task
 
@@ -65,27 +69,36 @@ def own_task(train_file, validation_file, test_file):
     """The label is the `label` column; the texts are sentence1 and sentence2 if there are such
     columns, else the first one or two others of text. Labels that are all whole numbers or all
     words are classes, each class its name as written (`5` is the class "5", not class id 5);
-    numbers with fractions make a regression."""
+    numbers with fractions make a regression; lists of names (JSON) make a multi-label task."""
     table = read_table(train_file)
     columns, sample = table.column_names, table.select(range(min(100, len(table))))
-    others = [c for c in columns if c != "label" and not all(map(NUMBER.fullmatch, sample[c]))]
+    others = [c for c in columns if c != "label"]
+    others = [c for c in others if not all(NUMBER.fullmatch(v or "") for v in sample[c])]
     texts = [c for c in PAIR if c in columns] or others[:2]
     if "label" not in columns or not texts:
         raise ValueError(f"{train_file} needs a 'label' column and one of text (it has {columns})")
-    values = [value for value in table.unique("label") if value]  # tokenize() names empty ones
-    numbers = [value for value in values if NUMBER.fullmatch(value)]
-    if 0 < len(numbers) < len(values) or len(values) == 1:  # a mix, or nothing to learn
+    multi_label = isinstance(table.features["label"], datasets.List)
+    if multi_label:  # each example a set of names, maybe empty
+        values = sorted({name for names in table["label"] for name in names or [] if name})
+    else:
+        values = [value for value in table.unique("label") if value]  # tokenize() names empty ones
+    numbers = [value for value in values if NUMBER.fullmatch(value) and not multi_label]
+    if 0 < len(numbers) < len(values) or len(values) < 2 - multi_label:  # or nothing to learn
         raise ValueError(f"{train_file}: make the labels one kind, of 2+ values: {values[:4]}")
     regression = numbers and not all(value.lstrip("+-").isdecimal() for value in values)
     classes = [] if regression else sorted(values, key=int if numbers else str)
+    problem_type = "multi_label_classification" if multi_label else "single_label_classification"
+    problem_type = "regression" if regression else problem_type
+    metrics = ["pearson", "spearmanr"] if regression else ["accuracy", "f1_macro"]
     files = {"train": train_file, "dev": validation_file, "test": test_file}
     return {
         "files": {split: path for split, path in files.items() if path},
         "texts": texts,
         "label": "label",
         "classes": classes,
+        "problem_type": problem_type,
         "label_ids": {name: i for i, name in enumerate(classes)},
-        "metrics": ["pearson", "spearmanr"] if regression else ["accuracy", "f1_macro"],
+        "metrics": ["f1_micro", "f1_macro", "exact_match"] if multi_label else metrics,
         "predictions": "predictions",
     }
 
@@ -111,8 +124,7 @@ def read_table(path, columns=None):
     if kind not in (".tsv", ".csv", ".json", ".jsonl"):
         raise ValueError(f"{path}: give a .tsv, .csv, .json or .jsonl file")
     try:
-        with open(path, "rb") as f:  # in the cache's key: a changed file is never served stale
-            options = {"description": hashlib.file_digest(f, "sha256").hexdigest()}
+        options = {"description": digest(path)}  # in the cache's key: never served stale
         with open(path, encoding="utf-8-sig") as f:  # MRPC's train.tsv starts with a BOM
             lines = [f.readline(), f.readline()]
     except OSError as error:
@@ -128,31 +140,59 @@ def read_table(path, columns=None):
         dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if kind == ".tsv" else {}
         names = columns or next(csv.reader(lines[:1], **dialect))
         options |= dialect | {"header": None if columns else 0, "names": names}
-        options |= {"features": strings(names), "keep_default_na": False, "encoding": "utf-8-sig"}
+        options |= {"features": strings(dict.fromkeys(names)), "keep_default_na": False}
+        options["encoding"] = "utf-8-sig"
     try:
         builder = "json" if kind.startswith(".json") else "csv"
         table = datasets.load_dataset(builder, data_files=path, split="train", **options)
     except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as error:
         raise ValueError(f"{path}: {str(error.__cause__ or error).strip()}") from None
-    return table if builder == "csv" else table.cast(strings(table.column_names))
+    for name, feature in table.features.items():
+        if isinstance(feature, datasets.Json):  # a JSON key whose values are of several kinds
+            kinds = [type(value).__name__ for value in table[name]]
+            row = next((i for i, kind in enumerate(kinds) if kind != kinds[0]), 0)
+            where = f"item {row + 1}" if path.endswith(".json") else f"line {row + 1}"
+            raise ValueError(
+                f"{path}, {where}: {name!r} is a {kinds[row]} here but a {kinds[0]} in the first "
+                "row: give it one kind in every row"
+            )
+    return table if builder == "csv" else table.cast(strings(table.features))
 
 
 def read_hub(dataset, config, split):
     """A split of GLUE in the hub's layout (a hub id, or a local folder in the same layout) as a
     table of strings, like a classic file: class ids as "0", "1", ...; `idx` as `index`; a test
     split without its labels (all -1)."""
+    options = {"description": digest(dataset)} if os.path.isdir(dataset) else {}  # never stale
     try:
-        table = datasets.load_dataset(dataset, config, split=split)
+        table = datasets.load_dataset(dataset, config, split=split, **options)
     except Exception as error:  # offline, or no such dataset, config or split
         where = f"{dataset} {config} {split}"
         raise ValueError(f"cannot load {where} (offline, give --data_dir): {error}") from None
     table = table.remove_columns("label") if split.startswith("test") else table
     table = table.rename_column("idx", "index")
-    return table.cast(strings(table.column_names))
+    return table.cast(strings(table.features))
 
 
-def strings(names):
-    return datasets.Features({name: datasets.Value("string") for name in names})
+def digest(path):
+    """The sha256 of a file's bytes, or of a folder's files (glob skips hidden ones, like .git)."""
+    files = [path]
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "**"), recursive=True))
+    sha = hashlib.sha256()
+    for file in filter(os.path.isfile, files):
+        with open(file, "rb") as f:
+            sha.update(hashlib.file_digest(f, "sha256").digest())
+    return sha.hexdigest()
+
+
+def strings(features):
+    """Every column as text, a column of lists (multi-label) as lists of text."""
+    text = datasets.Value("string")
+    lists = [name for name, kind in features.items() if isinstance(kind, datasets.List)]
+    return datasets.Features(
+        {name: datasets.List(text) if name in lists else text for name in features}
+    )
 
 
 def tokenize(table, task, split, tokenizer, max_seq_length):
@@ -161,18 +201,22 @@ def tokenize(table, task, split, tokenizer, max_seq_length):
     names them: class ids or float scores. A test split's labels are checked, then dropped."""
     path, test = task["files"][split], split.startswith("test")
     first_line = 1 if task.get("columns") and not test or path.endswith(".jsonl") else 2
+    ids, multi_label = task["label_ids"], task["problem_type"] == "multi_label_classification"
 
     def label(value, row):
-        """A label's class id or score; an error naming its row if it is neither."""
+        """A label's class id, score, or 0/1 per class (multi-label); an error naming its row."""
         if test and not value:
             return None  # a test file may leave its labels out
-        if task["classes"] and value in task["label_ids"]:
-            return task["label_ids"][value]
-        if not task["classes"] and NUMBER.fullmatch(value or "") and math.isfinite(float(value)):
+        if multi_label and isinstance(value, list) and set(value) <= ids.keys():
+            return [float(name in value) for name in task["classes"]]  # a sigmoid's target each
+        if not multi_label and isinstance(value, str) and value in ids:
+            return ids[value]
+        if not task["classes"] and NUMBER.fullmatch(str(value)) and math.isfinite(float(value)):
             return float(value)
-        where = f"item {row + 1}" if path.endswith(".json") else f"line {row + first_line}"
-        kind = f"a class of the training set {task['classes']}" if task["classes"] else "a number"
+        kind = "a list of classes" if multi_label else "a class"
+        kind = f"{kind} of the training set {task['classes']}" if task["classes"] else "a number"
         what = f"the label {value!r} is not {kind}" if value else "the label is empty"
+        where = f"item {row + 1}" if path.endswith(".json") else f"line {row + first_line}"
         raise ValueError(f"{path}, {where}: {what}: fix the row")
 
     def encode(rows, indices):
@@ -185,10 +229,8 @@ def tokenize(table, task, split, tokenizer, max_seq_length):
                 encoded["labels"] = labels
         return encoded
 
-    if len(table) >= PROGRESS_ROWS:  # tokenizing takes seconds to minutes: show how far it is
-        datasets.enable_progress_bars()
-    else:
-        datasets.disable_progress_bars()
+    show_progress = len(table) >= PROGRESS_ROWS  # seconds or minutes: say how far it is
+    datasets.enable_progress_bars() if show_progress else datasets.disable_progress_bars()
     removed = [column for column in table.column_names if column != "index"]  # ids: predictions
     return table.map(encode, batched=True, with_indices=True, remove_columns=removed, desc=split)
 
@@ -201,7 +243,8 @@ def fingerprint(table):
     """A digest of the tokenized examples: the ranks, and a resumed run, check with it that they
     train on the same data."""
     arrow, digest = table.with_format("arrow")[:], hashlib.sha256(lengths(table).tobytes())
-    for column in (pc.list_flatten(arrow["input_ids"]), arrow["labels"]):
+    for column in (arrow["input_ids"], arrow["labels"]):  # multi-label: a list of 0/1 per example
+        column = pc.list_flatten(column) if pa.types.is_list(column.type) else column
         for chunk in column.chunks:
             digest.update(chunk.to_numpy(zero_copy_only=False).tobytes())
     return f"{len(table)} examples, sha256 {digest.hexdigest()[:16]}"

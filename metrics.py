@@ -1,5 +1,6 @@
 """GLUE's metrics in numpy, equal to sklearn.metrics' and scipy.stats' on the same inputs.
-Predictions and labels are numpy arrays: class ids, or scores for a regression."""
+Predictions and labels are numpy arrays: class ids, scores for a regression, or 0/1 matrices
+(examples x classes) for multi-label."""
 
 import numpy as np
 
@@ -9,16 +10,28 @@ def accuracy(predictions, labels):
 
 
 def f1(predictions, labels):
-    """Binary F1 of class 1; 0.0 when there is no positive prediction nor label (as sklearn)."""
+    """Binary F1 of class 1; 0.0 when there is no positive prediction nor label (as sklearn). On
+    multi-label 0/1 matrices, over every (example, class) decision at once: micro-F1."""
     true_positives = np.sum((predictions == 1) & (labels == 1))
     positives = np.sum(predictions == 1) + np.sum(labels == 1)  # predicted ones + actual ones
     return float(2 * true_positives / positives) if positives else 0.0
 
 
 def f1_macro(predictions, labels):
-    """The mean over the classes of each one's F1 against all others (as sklearn's 'macro')."""
-    classes = np.union1d(predictions, labels)
-    return float(np.mean([f1(predictions == c, labels == c) for c in classes]))
+    """The mean over the classes of each one's F1 against all others (as sklearn's 'macro'): over
+    the classes that occur, for class ids; over every column, for multi-label 0/1 matrices."""
+    if predictions.ndim == 1:
+        classes = np.union1d(predictions, labels)
+        predictions, labels = predictions[:, None] == classes, labels[:, None] == classes
+    return float(np.mean([f1(p, t) for p, t in zip(predictions.T, labels.T, strict=True)]))
+
+
+f1_micro = f1  # its name for multi-label tasks, as sklearn's average="micro"
+
+
+def exact_match(predictions, labels):
+    """Multi-label: the share of examples whose predicted set is exactly right (subset accuracy)."""
+    return float(np.mean(np.all(predictions == labels, axis=1)))
 
 
 def matthews_correlation(predictions, labels):

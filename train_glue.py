@@ -11,6 +11,7 @@ import datetime
 import fcntl
 import functools
 import importlib.util
+import json
 import math
 import os
 import re
@@ -27,6 +28,7 @@ import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import data
+import lora
 import metrics
 import trainer
 
@@ -34,7 +36,9 @@ import trainer
 # (task, files, --max_seq_length: the tokenized examples' fingerprint), seed, batch, precision.
 MUST_MATCH = "model_name_or_path train_data seed global_batch_size bf16 fp16".split()
 MUST_MATCH += "load_best_model_at_end metric_for_best_model early_stopping_patience".split()
-MUST_MATCH += ["class_weights"]
+MUST_MATCH += "class_weights lora_rank lora_alpha lora_dropout".split()
+# LoRA's targets, the attention's query and value: BERT's, DistilBERT's, BART's or LLaMA's names.
+LORA_TARGETS = {"query", "value", "q_lin", "v_lin", "q_proj", "v_proj"}
 # Every name this trainer writes into an output dir: all that --overwrite_output_dir deletes.
 PREDICTIONS = r"(CoLA|SST-2|MRPC|STS-B|QQP|MNLI-mm?|QNLI|RTE|WNLI|predictions)\.tsv"
 OURS = rf"(\.lock|log\.jsonl|checkpoint-\d+\.pt|final|runs|{PREDICTIONS})(\.tmp|\.old)?"
@@ -73,7 +77,7 @@ def parse_args(argv=None):
     add("--validation_file", help="with --train_file: the dev set")
     add("--test_file", help="with --train_file: predict it into predictions.tsv")
     add("--data_dir", default=os.environ.get("GLUE_DIR"), help="GLUE's classic layout ($GLUE_DIR)")
-    add("--dataset_name", default="nyu-mll/glue", help="without --data_dir: GLUE on the hub")
+    add("--dataset_name", help="GLUE from the hub (default: nyu-mll/glue) or a folder like it")
     add("--model_name_or_path", required=True, help="a hub id or a local folder")
     add("--output_dir", required=True, type=checked(str, bool, "a folder"))
     add("--max_seq_length", type=POSITIVE, default=128)
@@ -95,6 +99,9 @@ def parse_args(argv=None):
     add("--metric_for_best_model", help="the score that decides (default: the task's main)")
     add("--early_stopping_patience", type=POSITIVE, help="evaluations without improvement")
     add("--class_weights", type=WEIGHTS, help="balanced, or a weight per class: 1,4 (see README)")
+    add("--lora_rank", type=COUNT, default=0, help="LoRA's rank (0: train every weight)")
+    add("--lora_alpha", type=checked(float, lambda x: 0 < x < math.inf, "> 0"), default=16.0)
+    add("--lora_dropout", type=checked(float, lambda x: 0 <= x < 1, "in [0, 1)"), default=0.0)
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bf16 autocast, where native")
     precision.add_argument("--fp16", action="store_true", help="fp16 autocast, loss scaling")
@@ -126,8 +133,9 @@ def load_model(args, task):
             num_labels=len(names),  # a new classifier head, initialised from the seed
             id2label=dict(enumerate(names)),
             label2id={name: i for i, name in enumerate(names)},
-            # What the head is: pipeline() then applies a softmax to classes, nothing to a score.
-            problem_type="single_label_classification" if task["classes"] else "regression",
+            # What the head is: pipeline() then applies a softmax to classes, a sigmoid to each of
+            # a multi-label task's, nothing to a score.
+            problem_type=task["problem_type"],
             ignore_mismatched_sizes=True,  # a head trained for another task is replaced
             dtype=torch.float32,  # fp32 master weights: AdamW's small updates vanish in bf16
         )
@@ -149,6 +157,9 @@ def load_model(args, task):
     shortest = tokenizer.num_special_tokens_to_add(len(task["texts"]) == 2) + len(task["texts"])
     if not shortest <= args.max_seq_length <= longest:
         raise ValueError(f"--max_seq_length must be in [{shortest}, {longest}] for this model")
+    if args.lora_rank:  # the base model frozen but its adapters; the head trains in full
+        model.base_model.requires_grad_(False)
+        lora.add(model.base_model, LORA_TARGETS, args.lora_rank, args.lora_alpha, args.lora_dropout)
     if args.gradient_checkpointing:  # keep each layer's input only; backward recomputes the rest
         model.activation_checkpointing_enable()  # transformers 4: gradient_checkpointing_enable()
     if args.torch_compile:  # compiles lazily, per new input shape; state_dict() keeps plain names
@@ -160,7 +171,22 @@ def run(args, stop_requested):
     """Returns True if it stopped early, as stop_requested asked."""
     device, task, tokenizer, model, splits = load(args)
     train_set = splits["train"]
-    plan, total_steps, warmup_steps, eval_steps, save_steps = schedule(args, train_set)
+    plan = functools.partial(
+        trainer.epoch_plan,
+        len(train_set),
+        batch_size=args.per_device_train_batch_size,
+        accumulation=args.gradient_accumulation_steps,
+        seed=args.seed,
+        lengths=data.lengths(train_set),  # steps of examples of similar length: less padding
+    )
+    steps_per_epoch = len(plan(0))
+    total_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
+    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    if warmup_steps >= total_steps:
+        raise trainer.AllRanksError(f"a warmup of {warmup_steps} fills all {total_steps} steps")
+    eval_steps, save_steps = args.eval_steps or steps_per_epoch, args.save_steps or steps_per_epoch
+    if args.load_best_model_at_end and eval_steps % save_steps:  # the best needs a checkpoint
+        raise trainer.AllRanksError("--load_best_model_at_end: save at every --eval_steps")
     optimizer = trainer.build_optimizer(model, args.learning_rate, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # fp16's range needs it
     progress, flags, lock = resume_or_start(args, model, optimizer, scaler, train_set, total_steps)
@@ -177,7 +203,7 @@ def run(args, stop_requested):
         progress,
         plan=plan,
         make_batch=lambda indices: data.collate(train_set[indices], tokenizer),
-        loss_fn=functools.partial(loss_sum, task, weights),
+        loss_fn=functools.partial(loss_sum, weights),
         learning_rate=lambda updates: trainer.learning_rate_at(
             updates, args.learning_rate, warmup_steps, total_steps
         ),
@@ -200,76 +226,44 @@ def run(args, stop_requested):
     return summary["stopped"]
 
 
-def schedule(args, train_set):
-    """The epoch plan, the run's length, its warmup, and how often it evaluates and saves."""
-    plan = functools.partial(
-        trainer.epoch_plan,
-        len(train_set),
-        batch_size=args.per_device_train_batch_size,
-        accumulation=args.gradient_accumulation_steps,
-        seed=args.seed,
-        lengths=data.lengths(train_set),  # steps of examples of similar length: less padding
-    )
-    steps_per_epoch = len(plan(0))
-    total_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
-    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
-    if warmup_steps >= total_steps:
-        raise trainer.AllRanksError(f"a warmup of {warmup_steps} fills all {total_steps} steps")
-    eval_steps, save_steps = args.eval_steps or steps_per_epoch, args.save_steps or steps_per_epoch
-    if args.load_best_model_at_end and eval_steps % save_steps:  # the best needs a checkpoint
-        raise trainer.AllRanksError("--load_best_model_at_end: save at every --eval_steps")
-    return plan, total_steps, warmup_steps, eval_steps, save_steps
-
-
-def loss_sum(task, class_weights, model, batch):
-    """A micro-batch's loss summed over its examples, and their number, as trainer.train_step
-    takes it: cross-entropy for classes, squared error for a score. A class weight multiplies
-    its examples' losses, and the sum is still divided by the step's examples, not by the sum of
-    their weights (torch's weighted mean): that divisor changes with each micro-batch's classes,
-    so micro-batches and ranks would no longer add up to one batch. Balanced weights average 1
-    over the training set, so the loss keeps its scale."""
-    labels = batch["labels"]
+def loss_sum(class_weights, model, batch):
+    """A micro-batch's loss summed over its examples, and their number (trainer.train_step's
+    contract): the mean the model's own head computes (cross-entropy; binary cross-entropy for
+    multi-label; squared error for a score), times the examples. With class weights, each
+    example's loss times its class's weight, still divided by the step's examples, not by their
+    weights' sum as torch's weighted mean is: that sum changes with each micro-batch's classes,
+    so micro-batches and ranks would no longer add up to one batch. Balanced weights average 1."""
+    if class_weights is None:
+        return model(**batch).loss * len(batch["labels"]), len(batch["labels"])
     logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
-    if not task["classes"]:
-        return F.mse_loss(logits.float().squeeze(-1), labels, reduction="sum"), len(labels)
-    return F.cross_entropy(logits.float(), labels, class_weights, reduction="sum"), len(labels)
+    loss = F.cross_entropy(logits.float(), batch["labels"], class_weights, reduction="sum")
+    return loss, len(batch["labels"])
 
 
 def reporter(args, total_steps, first_step):
-    """report() for trainer.train: prints each record and, with --report_to tensorboard, writes
-    its numbers as train/* or eval/* scalars. purge_step: TensorBoard drops what a killed run
-    logged past the step this one resumes from, so each step appears once."""
-    writer = None
+    """report() for trainer.train: each record as a line and, with --report_to tensorboard, its
+    numbers as train/* or eval/* scalars. purge_step: TensorBoard drops what a killed run logged
+    past the step this one resumes from, so each step shows once."""
+    writer, runs = None, args.logging_dir or os.path.join(args.output_dir, "runs")
     if args.report_to == "tensorboard" and trainer.RANK == 0:
         from torch.utils.tensorboard import SummaryWriter  # optional: load() checked it is there
 
-        logging_dir = args.logging_dir or os.path.join(args.output_dir, "runs")
-        writer = SummaryWriter(logging_dir, purge_step=first_step + 1)
+        writer = SummaryWriter(runs, purge_step=first_step + 1)
 
     def report(record):
-        print_record(record, total_steps)
+        """`step 50/345  loss 0.6541 ...  eta 0:04:10`, or `step 115/345:  accuracy 0.8039 ...`"""
+        section, values = ("eval", record["eval"]) if "eval" in record else ("train", dict(record))
+        values.pop("step", None)
+        eta = values.pop("eta_seconds", None)  # unknown at a launch's first steps
+        line = f"step {record['step']}/{total_steps}" + (":" if section == "eval" else "")
+        line += "".join(f"  {key} {value:.4g}" for key, value in values.items())
+        print(line + (f"  eta {datetime.timedelta(seconds=round(eta))}" if eta else ""), flush=True)
+        for key, value in values.items() if writer else []:
+            writer.add_scalar(f"{section}/{key}", value, record["step"])
         if writer:
-            section, values = ("eval", record["eval"]) if "eval" in record else ("train", record)
-            for key, value in values.items():
-                if key != "step" and value is not None:  # no ETA before the pace is known
-                    writer.add_scalar(f"{section}/{key}", value, record["step"])
             writer.flush()  # a kill loses nothing logged
 
     return report
-
-
-def print_record(record, total_steps):
-    """A record as one line: `step 50/345  loss 0.6541 ...  eta 0:04:10`, or the step's scores."""
-    where = f"step {record['step']}/{total_steps}"
-    if "eval" in record:
-        print(
-            f"{where}: " + "  ".join(f"{k} {v:.4f}" for k, v in record["eval"].items()), flush=True
-        )
-    else:
-        values = [f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "eta_seconds")]
-        eta = record["eta_seconds"]
-        values += [] if eta is None else [f"eta {datetime.timedelta(seconds=round(eta))}"]
-        print(where, *values, sep="  ", flush=True)
 
 
 def load(args):
@@ -286,6 +280,12 @@ def load(args):
         raise ValueError("--validation_file and --test_file go with --train_file, not --task_name")
     if args.do_predict and args.train_file and not args.test_file:
         raise ValueError("--do_predict with --train_file needs a --test_file to predict")
+    if args.dataset_name and (args.data_dir or args.train_file):  # $GLUE_DIR sets --data_dir
+        raise ValueError("give one source: --dataset_name, --data_dir ($GLUE_DIR) or --train_file")
+    if args.metric_for_best_model and not (
+        args.load_best_model_at_end or args.early_stopping_patience
+    ):
+        raise ValueError("--metric_for_best_model: for --load_best_model_at_end or early stopping")
     if args.report_to == "tensorboard" and not importlib.util.find_spec("tensorboard"):
         raise ValueError("--report_to tensorboard: pip install tensorboard")
     device = trainer.setup_distributed(args.ddp_timeout or 1800)
@@ -329,15 +329,13 @@ def load(args):
 
 def class_weights(weights, classes, train_set):
     """--class_weights as one weight per class. `balanced` is scikit-learn's rule, n / (classes x
-    count): a class's examples weigh as much in all as any other's, and the mean weight is 1."""
-    if not classes:
-        raise trainer.AllRanksError("--class_weights: this task has no classes: leave it out")
+    count): a class's examples weigh as much in all as any other's, and the mean weight is 1 (a
+    class with no example, whose weight nothing uses, counts as one)."""
+    if not classes or isinstance(train_set[0]["labels"], list):  # a score, or multi-label
+        raise trainer.AllRanksError("--class_weights: for single-label classes only: leave it out")
     if weights == "balanced":
         counts = np.bincount(train_set["labels"], minlength=len(classes))
-        if not counts.all():
-            missing = classes[counts.argmin()]
-            raise trainer.AllRanksError(f"--class_weights balanced: no {missing!r} to train on")
-        weights = (len(train_set) / (len(classes) * counts)).tolist()
+        weights = (len(train_set) / (len(classes) * np.maximum(counts, 1))).tolist()
     if len(weights) != len(classes):
         raise trainer.AllRanksError(f"--class_weights: give {len(classes)} weights, for {classes}")
     return weights
@@ -357,6 +355,17 @@ def resume_or_start(args, model, optimizer, scaler, train_set, total_steps):
     )
     if progress["step"] > total_steps:
         raise trainer.AllRanksError(f"checkpoint at step {progress['step']} is past {total_steps}")
+    best = os.path.join(args.output_dir, f"checkpoint-{progress.get('best_step')}.pt")
+    if args.load_best_model_at_end and "best_step" in progress and not os.path.exists(best):
+        raise trainer.AllRanksError(
+            f"{best}, the best evaluation's, is gone: put it back, or "
+            "drop --load_best_model_at_end with --overwrite_output_dir"
+        )
+    if resume_from and not progress["step"] and os.path.exists(f"{args.output_dir}/final"):
+        raise trainer.AllRanksError(
+            f"{args.output_dir} holds a finished run (final/) and no "
+            "checkpoint: train it again with --overwrite_output_dir"
+        )
     error, lock = None, None
     if trainer.RANK == 0:  # the first writes, after every check
         try:
@@ -377,12 +386,10 @@ def resume_or_start(args, model, optimizer, scaler, train_set, total_steps):
     trainer.check_all_ranks(error)
     if trainer.RANK == 0:  # what runs, and what the resume found
         labels = " / ".join(model.config.id2label.values())  # --class_weights' order
-        print(
-            f"{len(train_set)} examples ({labels}), {total_steps} steps",
-            *notes,
-            sep="\n",
-            flush=True,
-        )
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        line = f"{len(train_set)} examples ({labels}), {total_steps} steps, {trained:,} of "
+        line += f"{sum(p.numel() for p in model.parameters()):,} parameters trained"
+        print(line, *notes, sep="\n", flush=True)
     return progress, flags, lock
 
 
@@ -401,6 +408,8 @@ def predict(args, model, tokenizer, table, autocast):
     logits = torch.zeros(len(table), model.config.num_labels)
     for indices, values in trainer.all_gather((mine, torch.cat(outputs))):
         logits[indices] = values
+    if model.config.problem_type == "multi_label_classification":
+        return (logits > 0).long()  # each class whose sigmoid passes 0.5
     return logits.squeeze(-1) if model.config.num_labels == 1 else logits.argmax(-1)
 
 
@@ -465,9 +474,17 @@ def write_final_outputs(args, task, model, tokenizer, splits, summary, autocast)
     if args.load_best_model_at_end:  # the best evaluation's weights, from its checkpoint
         path = os.path.join(args.output_dir, f"checkpoint-{summary['best_step']}.pt")
         model.load_state_dict(torch.load(path, "cpu", weights_only=True, mmap=True)["model"])
+    if args.lora_rank:  # final/ holds plain weights: pipeline() and from_pretrained need no LoRA
+        lora.merge(model)
     for name, table in [(name, t) for name, t in splits.items() if name.startswith("test")]:
         values = predict(args, model, tokenizer, table, autocast).tolist()
-        values = [task["classes"][v] if task["classes"] else round(v, 3) for v in values]
+        if task["problem_type"] == "multi_label_classification":  # a JSON list: json.loads reads it
+            values = [
+                json.dumps([c for c, on in zip(task["classes"], v, strict=True) if on])
+                for v in values
+            ]
+        else:
+            values = [task["classes"][v] if task["classes"] else round(v, 3) for v in values]
         ids = table["index"] if "index" in table.column_names else range(len(table))
         # "index, prediction" rows: GLUE's submission format (MNLI-m.tsv, MNLI-mm.tsv: its two)
         lines = [f"{i}\t{v}\n" for i, v in zip(ids, values, strict=True)]

@@ -191,10 +191,13 @@ def test_an_unsupported_file_is_refused(tmp_path):
         data.read_table(write(tmp_path, "train.xlsx", "label\n1\n"))
 
 
-def test_a_json_null_text_is_an_empty_text(tmp_path, tokenizer):
+@pytest.mark.parametrize("first", [0, 2])  # a null before any word too: no column of numbers
+def test_a_json_null_text_is_an_empty_text(tmp_path, tokenizer, first):
     rows = [{"text": "good film", "label": "a"}, {"text": None, "label": "b"}, {"label": "a"}]
+    rows = rows[first:] + rows[:first]
     path = write_rows(tmp_path / "train.jsonl", rows)
     task = data.own_task(path, path, None)
+    assert task["texts"] == ["text"]
     table = data.tokenize(data.read_split(task, "train"), task, "train", tokenizer, 32)
-    assert table["input_ids"][1] == table["input_ids"][2] == tokenizer("")["input_ids"]
-    assert table["labels"] == [0, 1, 0]
+    assert [len(ids) for ids in table["input_ids"]].count(len(tokenizer("")["input_ids"])) == 2
+    assert table["labels"] == [0 if row["label"] == "a" else 1 for row in rows]

@@ -448,6 +448,7 @@ def nan_after(monkeypatch, first_bad_call, bad_calls):
             calls[0] += 1
             if first_bad_call <= calls[0] < first_bad_call + bad_calls:
                 out.logits = out.logits * float("nan")
+                out.loss = None if out.loss is None else out.loss * float("nan")
         return out
 
     monkeypatch.setattr(BertForSequenceClassification, "forward", poisoned)

@@ -61,3 +61,23 @@ def test_macro_f1_matches_sklearn(preds, labels):
 def test_constant_input_gives_nan_correlation():
     assert math.isnan(metrics.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
     assert math.isnan(metrics.spearmanr([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]))
+
+
+MULTI_LABEL_CASES = [
+    (rng.integers(0, 2, (50, 4)), rng.integers(0, 2, (50, 4))),  # random sets of 4 classes
+    (np.zeros((6, 3), int), rng.integers(0, 2, (6, 3))),  # the empty set predicted everywhere
+    (np.zeros((4, 3), int), np.zeros((4, 3), int)),  # no class anywhere: all sets empty, right
+    (np.array([[1, 0, 0], [0, 1, 1]]), np.array([[1, 0, 0], [0, 1, 0]])),  # a class never true
+]
+
+
+@pytest.mark.parametrize("preds,labels", MULTI_LABEL_CASES)
+def test_multi_label_metrics_match_sklearn(preds, labels):
+    labels = labels.astype(np.float32)  # as a run holds them: the binary cross-entropy's targets
+    assert metrics.f1_micro(preds, labels) == pytest.approx(
+        sk.f1_score(labels, preds, average="micro", zero_division=0.0)
+    )
+    assert metrics.f1_macro(preds, labels) == pytest.approx(
+        sk.f1_score(labels, preds, average="macro", zero_division=0.0)
+    )
+    assert metrics.exact_match(preds, labels) == pytest.approx(sk.accuracy_score(labels, preds))

@@ -118,12 +118,18 @@ def test_each_line_says_where_the_run_is_and_how_long_is_left(tmp_path, monkeypa
     )  # fmt: skip
     etas = [r["eta_seconds"] for r in records if "loss" in r]
     assert etas == [None, None] + [2.0 * (10 - step) for step in range(3, 11)]
-    lines = []
+    lines, args = (
+        [],
+        train_glue.parse_args(
+            ["--task_name", "rte", "--model_name_or_path", "m", "--output_dir", "o"]
+        ),
+    )
     monkeypatch.setattr("builtins.print", lambda *values, **_: lines.append("  ".join(values)))
-    train_glue.print_record(records[2], 10)
+    report = train_glue.reporter(args, total_steps=10, first_step=0)
+    report(records[2])
     assert lines[0].startswith("step 3/10  loss ") and lines[0].endswith("  eta 0:00:14")
-    train_glue.print_record({"step": 10, "eval": {"accuracy": 0.5}}, 10)
-    assert lines[1] == "step 10/10: accuracy 0.5000"
+    report({"step": 10, "eval": {"accuracy": 0.5}})
+    assert lines[1] == "step 10/10:  accuracy 0.5"
 
 
 def test_none_means_never_for_logging_evaluation_and_saving_but_the_last_step(tmp_path):

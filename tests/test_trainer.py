@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import namedtuple
 
 import numpy as np
 import pytest
@@ -254,6 +255,9 @@ def test_batches_may_be_tuples_and_autocast_any_context_factory(tmp_path):
     batch = trainer.to_device((inputs, [targets], {"y": targets}, "text"), torch.device("meta"))
     assert [batch[0].device, batch[1][0].device, batch[2]["y"].device] == [torch.device("meta")] * 3
     assert type(batch) is tuple and type(batch[1]) is list and batch[3] == "text"
+    Batch = namedtuple("Batch", "x y")
+    moved = trainer.to_device(Batch(inputs, targets), torch.device("meta"))
+    assert type(moved) is Batch and moved.y.device == torch.device("meta")
 
 
 @pytest.mark.parametrize("value", [pathlib.Path("runs/x"), np.int64(3), np.float64(0.5)])
@@ -261,6 +265,28 @@ def test_a_flag_that_is_not_a_plain_value_is_refused_before_anything_is_written(
     with pytest.raises(ValueError, match="flags\\['path'\\] is a .*: give a plain value"):
         small_run(str(tmp_path / "run"), flags={"seed": 0, "path": value})
     assert not (tmp_path / "run").exists()
+
+
+def test_a_value_that_a_checkpoint_could_not_load_back_is_refused_by_its_key(tmp_path):
+    def evaluate(model, step):
+        progress["best"] = np.float64(
+            0.5
+        )  # a numpy scalar: torch.load(weights_only=True) refuses it
+        return {}
+
+    model = torch.nn.Linear(4, 1)
+    optimizer, scaler = (
+        trainer.build_optimizer(model, 1e-2, 0.0),
+        torch.amp.GradScaler("cpu", enabled=False),
+    )
+    progress, _ = trainer.start_or_resume(model, optimizer, scaler, str(tmp_path), {"seed": 0}, [])
+    with pytest.raises(ValueError, match="progress\\['best'\\] is a float64: give a plain value"):
+        trainer.train(model, optimizer, scaler, progress, plan=lambda epoch: [(8, [list(range(8))])],
+                      make_batch=lambda ids: {"x": torch.randn(8, 4), "y": torch.randn(8, 1)}, loss_fn=mse_sum,
+                      learning_rate=lambda updates: 1e-2, autocast=contextlib.nullcontext, clip=1.0,
+                      evaluate=evaluate, output_dir=str(tmp_path), flags={"seed": 0}, total_steps=1,
+                      logging_steps=1, eval_steps=1, save_steps=1, stop_requested=threading.Event())  # fmt: skip
+    assert not list(tmp_path.glob("checkpoint-*"))
 
 
 def test_a_must_match_name_that_is_no_flag_is_an_error(tmp_path):
@@ -362,3 +388,52 @@ def test_an_error_without_a_message_still_stops_every_rank_and_keeps_its_traceba
     with pytest.raises(trainer.AllRanksError, match=r"NotImplementedError\(\)") as raised:
         trainer.check_all_ranks(NotImplementedError())
     assert isinstance(raised.value.__cause__, NotImplementedError)  # what --debug shows
+
+
+TOKENS_SCRIPT = """
+import contextlib, sys
+import torch, torch.nn.functional as F
+import trainer
+
+trainer.setup_distributed()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50))
+reference = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50))
+reference.load_state_dict(model.state_dict())
+# 4 micro-batches: rank 0 gets examples 0-7 then 8-14, rank 1 gets 15-22 then 23-29 (30 in the
+# step); each example has 3 to 12 labelled tokens, -100 past its end: 4 different token counts.
+tokens = torch.randint(0, 50, (30, 12))
+labels = torch.randint(0, 50, (30, 12))
+labels[torch.arange(12) >= torch.randint(3, 13, (30, 1))] = -100
+pieces = [(0, 8), (8, 15)] if trainer.RANK == 0 else [(15, 23), (23, 30)]
+
+def loss_fn(model, batch):  # summed over the labelled tokens, and how many
+    x, y = batch
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+    return loss, (y != -100).sum()
+
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+before = [p.detach().clone() for p in model.parameters()]
+scaler = torch.amp.GradScaler("cpu", enabled=False)
+loss_and_items, _, _ = trainer.train_step(ddp, [(tokens[a:b], labels[a:b]) for a, b in pieces], 30,
+                                          1.0, loss_fn, optimizer, scaler, contextlib.nullcontext, 1e9)
+mean = F.cross_entropy(reference(tokens).flatten(0, 1), labels.flatten(), ignore_index=-100)
+mean.backward()  # one big batch: the mean over all its labelled tokens
+for old, new, ref in zip(before, model.parameters(), reference.parameters()):
+    torch.testing.assert_close(old - new.detach(), ref.grad, rtol=1e-4, atol=1e-6)
+assert loss_and_items[1] == (labels[[i for a, b in pieces for i in range(a, b)]] != -100).sum()
+print("gradients of the mean over", int((labels != -100).sum()), "tokens", flush=True)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_a_loss_over_tokens_normalises_by_the_steps_tokens_across_micro_batches_and_ranks(tmp_path):
+    """loss_fn says how many items its sum covers: the step divides by all ranks' items, so the
+    gradients are the mean over every labelled token of the step, as one big batch gives."""
+    (tmp_path / "tokens.py").write_text(TOKENS_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    result = subprocess.run([*command, str(tmp_path / "tokens.py")], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("gradients of the mean over") == 2

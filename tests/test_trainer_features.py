@@ -217,7 +217,7 @@ def test_a_weighted_step_is_the_weighted_sum_of_each_examples_gradient():
     )
     before, optimizer = model.weight.detach().clone(), torch.optim.SGD(model.parameters(), lr=1.0)
     micro_batches = [{"input_ids": x[:3], "labels": y[:3]}, {"input_ids": x[3:], "labels": y[3:]}]
-    loss_fn = functools.partial(train_glue.loss_sum, {"classes": ["a", "b", "c"]}, weights)
+    loss_fn = functools.partial(train_glue.loss_sum, weights)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     trainer.train_step(
         model, micro_batches, 10, 1.0, loss_fn, optimizer, scaler, contextlib.nullcontext, math.inf
@@ -238,3 +238,80 @@ def test_balanced_class_weights_on_a_skewed_file_weigh_each_class_alike(
         "class_weights"
     ]
     assert weights == pytest.approx([8 / (2 * 6), 8 / (2 * 2)])  # 6 common, 2 rare: 6 x 2/3 = 2 x 2
+
+
+def test_an_early_stop_between_checkpoints_saves_and_a_relaunch_redoes_nothing(
+    tiny_model, tmp_path, monkeypatch
+):
+    """Patience 3 after step 4's best: the run stops at 7, which no --save_steps reaches."""
+    out = scripted_run(tiny_model, str(tmp_path / "run"), monkeypatch, "--early_stopping_patience", 3,
+                       "--save_steps", 100)  # fmt: skip
+    assert os.path.exists(f"{out}/checkpoint-7.pt")
+    log = open(f"{out}/log.jsonl").read()
+    scripted_run(tiny_model, out, monkeypatch, "--early_stopping_patience", 3, "--save_steps", 100,
+                 "--resume_from_checkpoint", "auto")  # fmt: skip
+    assert open(f"{out}/log.jsonl").read() == log  # no step redone, nothing evaluated again
+
+
+def test_a_resume_whose_best_checkpoint_is_gone_stops_before_writing_anything(
+    tiny_model, tmp_path, monkeypatch
+):
+    from test_bad_input import snapshot
+
+    out = scripted_run(
+        tiny_model, str(tmp_path / "run"), monkeypatch, "--load_best_model_at_end", "--max_steps", 6
+    )
+    os.remove(f"{out}/checkpoint-4.pt")  # the best, kept by the rotation
+    before = snapshot(out)
+    with pytest.raises(
+        ValueError, match="checkpoint-4.pt, the best evaluation's, is gone: put it back"
+    ):
+        scripted_run(
+            tiny_model,
+            out,
+            monkeypatch,
+            "--load_best_model_at_end",
+            "--resume_from_checkpoint",
+            "auto",
+        )
+    assert snapshot(out) == before
+
+
+def test_a_finished_run_without_checkpoints_is_not_trained_again_over_its_final(
+    tiny_model, tmp_path
+):
+    from test_bad_input import snapshot
+
+    out = train_in_process(tiny_model, str(tmp_path / "run"), *SHORT, "--max_steps", 2)
+    for name in os.listdir(out):
+        if name.startswith("checkpoint-"):
+            os.remove(os.path.join(out, name))
+    before = snapshot(out)
+    with pytest.raises(
+        ValueError,
+        match="holds a finished run \\(final/\\) and no checkpoint: train it again with --overwrite_output_dir",
+    ):
+        train_in_process(
+            tiny_model, out, *SHORT, "--max_steps", 2, "--resume_from_checkpoint", "auto"
+        )
+    assert snapshot(out) == before
+
+
+def test_a_hub_layout_folder_edited_or_moved_is_read_afresh(tmp_path):
+    """datasets keys a hub-layout folder's cache by its name and config alone: an edited folder,
+    or another of the same name, would be served the first one's rows."""
+
+    def hub_folder(parent, rows):
+        root = tmp_path / parent / "glue"
+        (root / "rte").mkdir(parents=True, exist_ok=True)
+        table = datasets.Dataset.from_dict({"sentence1": [f"s{i}" for i in range(rows)], "sentence2": ["t"] * rows,
+                                            "label": [0] * rows, "idx": list(range(rows))})  # fmt: skip
+        table.to_parquet(str(root / "rte" / "train-00000-of-00001.parquet"))
+        (root / "README.md").write_text(
+            "---\nconfigs:\n- config_name: rte\n  data_files:\n  - split: train\n    path: rte/train-*\n---\n"
+        )
+        return str(root)
+
+    assert len(data.read_hub(hub_folder("a", 3), "rte", "train")) == 3
+    assert len(data.read_hub(hub_folder("b", 5), "rte", "train")) == 5  # the same name elsewhere
+    assert len(data.read_hub(hub_folder("a", 7), "rte", "train")) == 7  # edited in place

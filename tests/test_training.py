@@ -140,7 +140,7 @@ def test_a_nan_score_is_reported_not_fatal_and_written_as_null(
 
     assert strict(open(f"{out}/final/eval.json").read())["eval"]["accuracy"] is None
     assert [strict(line) for line in open(f"{out}/log.jsonl")][-1]["eval"]["accuracy"] is None
-    assert "step 1/1: accuracy nan" in capsys.readouterr().out
+    assert "step 1/1:  accuracy nan" in capsys.readouterr().out
 
 
 def test_a_checkpoint_stored_in_bf16_trains_with_fp32_weights_and_optimizer_state(
@@ -314,6 +314,9 @@ def test_a_gpt2_style_model_without_a_pad_token_pads_with_end_of_text(tmp_path):
     assert (
         len(classify(["a short one", "and a longer text, padded in its batch"], batch_size=2)) == 2
     )
+    with pytest.raises(ValueError, match=r"LoRA: no nn.Linear named \[.*'query'.*\] in GPT2Model"):
+        train_in_process(str(tmp_path / "gpt2"), str(tmp_path / "lora"), "--lora_rank", 4)  # Conv1D
+    assert not (tmp_path / "lora").exists()
 
 
 def test_gradient_checkpointing_gives_the_same_steps_and_keeps_less_for_backward(

@@ -1,0 +1,67 @@
+"""LoRA (Hu et al., 2021) by hand: fine-tune a low-rank update beside frozen linear layers,
+
+    y = x @ W.T + b + (dropout(x) @ A.T @ B.T) * alpha / rank
+
+with W and b frozen, A (rank x in) random and B (out x rank) zero: at step 0 the model is the
+base model exactly, and only rank x (in + out) numbers per layer learn. Dividing by the rank lets
+you change it without retuning the learning rate. merge() then folds B @ A * alpha / rank into W.
+
+    model.requires_grad_(False)  # then the adapters (and any new head) are all that trains
+    lora.add(model, {"query", "value"}, rank=8, alpha=16, dropout=0.0)
+    ...train, save and resume as usual, then: lora.merge(model)
+
+It imports only the standard library and torch: copy it into your project.
+"""
+
+import math
+
+import torch
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen nn.Linear (`base`) and its trainable low-rank update (lora_A, lora_B)."""
+
+    def __init__(self, base, rank, alpha, dropout):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        weight = base.weight
+        # A drawn as nn.Linear draws its own weights; B zero, so that B @ A is zero at first.
+        self.lora_A = torch.nn.Parameter(weight.new_empty(rank, base.in_features))
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = torch.nn.Parameter(weight.new_zeros(base.out_features, rank))
+        self.scaling = alpha / rank
+        self.dropout = torch.nn.Dropout(dropout)
+
+    def forward(self, x):
+        # Two thin matmuls (x @ A.T is batch x r): B @ A, a full out x in matrix, is never formed.
+        update = self.dropout(x) @ self.lora_A.T @ self.lora_B.T
+        return self.base(x) + update * self.scaling
+
+
+def add(model, names, rank, alpha, dropout):
+    """Replace every nn.Linear of `model` whose attribute name is in `names` by a LoRALinear
+    around it, its A drawn from torch's random state. Returns how many; none is an error, since
+    training would then change nothing of the model."""
+    found = [
+        (parent, name)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if name in names and isinstance(child, torch.nn.Linear)
+    ]
+    if not found:
+        raise ValueError(f"LoRA: no nn.Linear named {sorted(names)} in {type(model).__name__}")
+    for parent, name in found:
+        setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
+    return len(found)
+
+
+@torch.no_grad()
+def merge(model):
+    """Fold each LoRALinear back into its nn.Linear, W + B @ A * alpha / r: the same function
+    (to rounding), under the base model's names, so its state_dict loads with no LoRA code."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                child.base.weight += (child.lora_B @ child.lora_A) * child.scaling
+                setattr(parent, name, child.base)
+    return model
