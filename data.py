@@ -60,8 +60,7 @@ def glue_task(name, data_dir, with_test=False, hub=None):
     if not data_dir:  # the hub's layout: its split names (validation...), texts and `label`
         files = {split: split.replace("dev", "validation") for split in splits}
         task |= {"files": files, "hub": (hub or "nyu-mll/glue", name), "columns": None}
-        task["label"] = "label"
-        task["texts"] = HUB_TEXTS.get(name, texts)
+        task |= {"label": "label", "texts": HUB_TEXTS.get(name, texts)}
     return task
 
 
@@ -90,6 +89,7 @@ def own_task(train_file, validation_file, test_file):
     problem_type = "multi_label_classification" if multi_label else "single_label_classification"
     problem_type = "regression" if regression else problem_type
     metrics = ["pearson", "spearmanr"] if regression else ["accuracy", "f1_macro"]
+    metrics = ["f1_micro", "f1_macro", "exact_match"] if multi_label else metrics
     files = {"train": train_file, "dev": validation_file, "test": test_file}
     return {
         "files": {split: path for split, path in files.items() if path},
@@ -98,7 +98,7 @@ def own_task(train_file, validation_file, test_file):
         "classes": classes,
         "problem_type": problem_type,
         "label_ids": {name: i for i, name in enumerate(classes)},
-        "metrics": ["f1_micro", "f1_macro", "exact_match"] if multi_label else metrics,
+        "metrics": metrics,
         "predictions": "predictions",
     }
 
@@ -160,9 +160,8 @@ def read_table(path, columns=None):
 
 
 def read_hub(dataset, config, split):
-    """A split of GLUE in the hub's layout (a hub id, or a local folder in the same layout) as a
-    table of strings, like a classic file: class ids as "0", "1", ...; `idx` as `index`; a test
-    split without its labels (all -1)."""
+    """A GLUE split in the hub's layout (a hub id or a local folder) as a table of strings like a
+    classic file's: class ids as "0", "1", ...; `idx` as `index`; test labels (all -1) dropped."""
     options = {"description": digest(dataset)} if os.path.isdir(dataset) else {}  # never stale
     try:
         table = datasets.load_dataset(dataset, config, split=split, **options)
@@ -188,11 +187,10 @@ def digest(path):
 
 def strings(features):
     """Every column as text, a column of lists (multi-label) as lists of text."""
-    text = datasets.Value("string")
-    lists = [name for name, kind in features.items() if isinstance(kind, datasets.List)]
-    return datasets.Features(
-        {name: datasets.List(text) if name in lists else text for name in features}
-    )
+    text, columns = datasets.Value("string"), {}
+    for name, kind in features.items():
+        columns[name] = datasets.List(text) if isinstance(kind, datasets.List) else text
+    return datasets.Features(columns)
 
 
 def tokenize(table, task, split, tokenizer, max_seq_length):
@@ -240,8 +238,7 @@ def lengths(table):
 
 
 def fingerprint(table):
-    """A digest of the tokenized examples: the ranks, and a resumed run, check with it that they
-    train on the same data."""
+    """A digest of the tokenized examples: ranks, and a resumed run, check their data with it."""
     arrow, digest = table.with_format("arrow")[:], hashlib.sha256(lengths(table).tobytes())
     for column in (arrow["input_ids"], arrow["labels"]):  # multi-label: a list of 0/1 per example
         column = pc.list_flatten(column) if pa.types.is_list(column.type) else column

