@@ -49,12 +49,12 @@ RECIPES = {
     "rte": {"learning_rate": 1e-4},
     "wnli": {"num_train_epochs": 1},
 }
-# (c): the recipe's epochs with LoRA of rank 8 on the attention's query and value, at the usual
-# LoRA learning rate: ten times full fine-tuning's, as only the small update and the head learn.
-LORA = {"lora_rank": 8, "learning_rate": 5e-4}
+# (c): the recipe's epochs with LoRA of rank 8 on the attention's query and value, at 1e-3: on
+# MRPC (2 seeds, bf16 on an H200, 2026-12-04) 5e-4 scored 0.740, 1e-3 0.788 and 2e-3 0.741.
+LORA = {"lora_rank": 8, "learning_rate": 1e-3}
 WHY = {
     "recipe": "the learning rate and epochs of (b) above, each task's own",
-    "lora": "(b)'s epochs, `--lora_rank 8` (query and value, alpha 16), learning rate 5e-4",
+    "lora": "(b)'s epochs, `--lora_rank 8` (query and value, alpha 16), learning rate 1e-3",
 }
 
 
@@ -148,12 +148,14 @@ def run_all(args):
                     json.dump(record, f, indent=1)
                 os.replace(path + ".tmp", path)
                 print(f"  {record['scores']}  {record['minutes']:.1f} min", flush=True)
-                if args.commit:
+                if args.commit:  # retried: another git command may hold the index for a moment
                     message = f"GLUE results: {task} {config} seed {seed} ({record['precision']})"
-                    subprocess.run(["git", "add", path], cwd=ROOT, check=True)
-                    subprocess.run(
-                        ["git", "commit", "-q", "-m", message, "--", path], cwd=ROOT, check=True
-                    )
+                    for _ in range(10):
+                        add = subprocess.run(["git", "add", path], cwd=ROOT)
+                        commit = ["git", "commit", "-q", "-m", message, "--", path]
+                        if add.returncode == 0 and subprocess.run(commit, cwd=ROOT).returncode == 0:
+                            break
+                        time.sleep(30)
 
 
 def load_records():
