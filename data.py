@@ -71,8 +71,8 @@ def own_task(train_file, validation_file, test_file):
     numbers with fractions make a regression; lists of names (JSON) make a multi-label task."""
     table = read_table(train_file)
     columns, sample = table.column_names, table.select(range(min(100, len(table))))
-    others = [c for c in columns if c != "label"]
-    others = [c for c in others if not all(NUMBER.fullmatch(v or "") for v in sample[c])]
+    words = {c for c in columns for v in sample[c] if type(v) is str and not NUMBER.fullmatch(v)}
+    others = [c for c in columns if c in words and c != "label"]  # not numbers, nulls, lists
     texts = [c for c in PAIR if c in columns] or others[:2]
     if "label" not in columns or not texts:
         raise ValueError(f"{train_file} needs a 'label' column and one of text (it has {columns})")

@@ -3,14 +3,13 @@
     y = x @ W.T + b + (dropout(x) @ A.T @ B.T) * alpha / rank
 
 with W and b frozen, A (rank x in) random and B (out x rank) zero: at step 0 the model is the
-base model exactly, and only rank x (in + out) numbers per layer learn. Dividing by the rank lets
-you change it without retuning the learning rate. merge() then folds B @ A * alpha / rank into W.
+base model exactly, and only rank x (in + out) numbers per layer learn. Dividing by the rank
+lessens the retuning of the learning rate when the rank changes. merge() then folds B @ A * alpha
+/ rank into W. It imports only the standard library and torch: copy it into your project.
 
-    model.requires_grad_(False)  # then the adapters (and any new head) are all that trains
+    model.requires_grad_(False)  # then unfreeze a new head: it and the adapters train
     lora.add(model, {"query", "value"}, rank=8, alpha=16, dropout=0.0)
     ...train, save and resume as usual, then: lora.merge(model)
-
-It imports only the standard library and torch: copy it into your project.
 """
 
 import math

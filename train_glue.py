@@ -153,7 +153,7 @@ def load_model(args, task):
     table = getattr(getattr(model.base_model, "embeddings", None), "position_embeddings", None)
     start = 0 if getattr(table, "padding_idx", None) is None else table.padding_idx + 1
     rows = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions too
-    longest = rows - start if rows else tokenizer.model_max_length
+    longest = (rows - start if rows else tokenizer.model_max_length) // 8 * 8  # collate pads to 8s
     shortest = tokenizer.num_special_tokens_to_add(len(task["texts"]) == 2) + len(task["texts"])
     if not shortest <= args.max_seq_length <= longest:
         raise ValueError(f"--max_seq_length must be in [{shortest}, {longest}] for this model")
@@ -232,7 +232,7 @@ def loss_sum(class_weights, model, batch):
     multi-label; squared error for a score), times the examples. With class weights, each
     example's loss times its class's weight, still divided by the step's examples, not by their
     weights' sum as torch's weighted mean is: that sum changes with each micro-batch's classes,
-    so micro-batches and ranks would no longer add up to one batch. Balanced weights average 1."""
+    so micro-batches and ranks would no longer add up to one batch. Balanced: 1 per example."""
     if class_weights is None:
         return model(**batch).loss * len(batch["labels"]), len(batch["labels"])
     logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
@@ -258,9 +258,9 @@ def reporter(args, total_steps, first_step):
         line = f"step {record['step']}/{total_steps}" + (":" if section == "eval" else "")
         line += "".join(f"  {key} {value:.4g}" for key, value in values.items())
         print(line + (f"  eta {datetime.timedelta(seconds=round(eta))}" if eta else ""), flush=True)
-        for key, value in values.items() if writer else []:
-            writer.add_scalar(f"{section}/{key}", value, record["step"])
         if writer:
+            for key, value in values.items():
+                writer.add_scalar(f"{section}/{key}", value, record["step"])
             writer.flush()  # a kill loses nothing logged
 
     return report
@@ -328,8 +328,8 @@ def load(args):
 
 def class_weights(weights, classes, train_set):
     """--class_weights as one weight per class. `balanced` is scikit-learn's rule, n / (classes x
-    count): a class's examples weigh as much in all as any other's, and the mean weight is 1 (a
-    class with no example, whose weight nothing uses, counts as one)."""
+    count): a class's examples weigh as much in all as any other's, and the weights average 1 over
+    the training examples (a class with no example, whose weight nothing uses, counts as one)."""
     if not classes or isinstance(train_set[0]["labels"], list):  # a score, or multi-label
         raise trainer.AllRanksError("--class_weights: for single-label classes only: leave it out")
     if weights == "balanced":
@@ -526,7 +526,8 @@ def main(argv=None):
     status = 1
     try:
         stopped = run(args, stop_requested)  # only a signal stops a run early
-        status = 128 + received[0][0] if stopped else 0  # as a shell reports a signal's end
+        signum = received[0][0] if received else signal.SIGTERM  # or another rank's signal
+        status = 128 + signum if stopped else 0  # as a shell reports a signal's end
     except KeyboardInterrupt:  # raised by on_signal alone
         status = 128 + received[0][0]
         print("error: stopped at once, without writing a checkpoint", file=sys.stderr)

@@ -11,7 +11,7 @@ make_batch(indices) for their batches (tensors in dicts, lists, tuples); loss_fn
 with DDP's wrapper as the model, for (a loss summed over items, how many: see train_step);
 evaluate(model, step), with the plain model, for a dict of floats (a collective inside it runs on
 every rank; it may set progress["early_stopped"]); stop_requested.is_set() (once true on any rank,
-all save and stop after the step); report(record) with each record of log.jsonl (default: print).
+all save and stop after the step); on rank 0, report(record) with each record (default: print).
 logging_steps, eval_steps, save_steps: None or 0 for never; the last step logs, evaluates, saves.
 """
 
@@ -116,10 +116,10 @@ def train_step(
 
     For example, 2 ranks, each with micro-batches of 8 and 7 examples (30 in the step), holding
     100 and 90 tokens on rank 0, 120 and 50 on rank 1 (360). Each summed loss is multiplied by
-    2/30 before its backward (a mean's range, for fp16), and DDP averages the 2 ranks' gradients:
-    they hold the step's sum / 30. The items, all-reduced to 360, then scale them by 30/360: the
-    sum / 360, the mean over the step's tokens, as one batch of 360 tokens gives (for examples,
-    30/30 changes nothing)."""
+    2/30 before its backward, and DDP averages the 2 ranks' gradients: they hold the step's sum /
+    30. The items, all-reduced to 360, then scale them by 30/360: the mean over the step's tokens,
+    as one batch of 360 tokens gives (for examples, 30/30 changes nothing). Dividing by the
+    examples first keeps fp16 gradients in range; with tokens, lower GradScaler's init_scale."""
     loss_weight = WORLD_SIZE / examples_in_step  # x WORLD_SIZE: DDP's average back to the sum
     losses, items = [], 0
     for index, batch in enumerate(micro_batches):
@@ -136,9 +136,9 @@ def train_step(
             scaler.scale(loss * loss_weight).backward()
         losses.append(loss.detach())
         items += count
-    items = torch.as_tensor(items, dtype=torch.float64, device=loss.device)  # counted exactly
+    items = torch.zeros((), dtype=torch.float64, device=loss.device) + items  # no host sync
     loss_and_items = torch.stack([sum(losses).double(), items])
-    step_items = loss_and_items[1].clone()  # then all ranks'
+    step_items = loss_and_items[1].clone()  # all ranks' next; the log window keeps this rank's
     if WORLD_SIZE > 1:
         dist.all_reduce(step_items)
     # Divide the fp16 loss scale out of the gradients first: clipping compares the true norm.

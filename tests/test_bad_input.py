@@ -315,6 +315,20 @@ def test_a_model_folder_without_its_tokenizer_is_refused(tiny_model, tmp_path, c
     )
 
 
+def test_max_seq_length_leaves_room_for_padding_to_a_multiple_of_8(tiny_model, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+
+    config = BertConfig.from_pretrained(tiny_model, max_position_embeddings=100)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "m")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "m")
+    args = train_glue.parse_args(["--task_name", "mrpc", "--model_name_or_path", str(tmp_path / "m"),
+                                  "--output_dir", "o", "--max_seq_length", "100"])  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"--max_seq_length must be in \[5, 96\]"
+    ):  # 100 pads to 104
+        train_glue.load_model(args, train_glue.data.glue_task("mrpc", GLUE))
+
+
 def test_max_seq_length_is_checked_against_what_the_model_can_embed(tiny_model, tmp_path, capsys):
     """RoBERTa's position table has 514 rows, the first two before position 0: 512 usable."""
     folder = str(tmp_path / "roberta")

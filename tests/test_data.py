@@ -191,6 +191,15 @@ def test_an_unsupported_file_is_refused(tmp_path):
         data.read_table(write(tmp_path, "train.xlsx", "label\n1\n"))
 
 
+def test_a_json_key_of_lists_or_numbers_is_no_text(tmp_path):
+    rows = [
+        {"id": 1, "tags": ["a"], "text": "good film", "label": "a"},
+        {"id": 2, "tags": [], "text": "bad", "label": "b"},
+    ]
+    path = write_rows(tmp_path / "train.jsonl", rows)
+    assert data.own_task(path, path, None)["texts"] == ["text"]
+
+
 @pytest.mark.parametrize("first", [0, 2])  # a null before any word too: no column of numbers
 def test_a_json_null_text_is_an_empty_text(tmp_path, tokenizer, first):
     rows = [{"text": "good film", "label": "a"}, {"text": None, "label": "b"}, {"label": "a"}]

@@ -211,6 +211,7 @@ def test_a_stop_signal_reaching_one_rank_stops_every_rank_after_the_same_step(ti
     stopped_at = max(losses(out))
     assert stopped_at < 48 and os.path.exists(f"{out}/checkpoint-{stopped_at}.pt")
     assert f"stopped: {stopped_at} steps done" in process.stderr_text()
+    assert "error:" not in process.stderr_text()  # the other rank too exits as a preemption does
 
 
 def run_with_ctrl_c_presses(model, tmp_path, monkeypatch, seconds):
