@@ -6,7 +6,7 @@ task, (c) LoRA, and Hugging Face's Trainer at (a), three seeds each (SST-2: one)
     python benchmarks/glue_results.py --page_only   # results.md and the curves from the JSONs
 
 Each finished run leaves docs/glue_results/runs/TASK-CONFIG-SEED.json: its scores, flags and
-command, the commit, torch, the CPU and its precision, minutes, samples/s, peak memory, the
+command, the commits (HEAD's, and the last to change a file the run executes), torch, the CPU and its precision, minutes, samples/s, peak memory, the
 checkpoint's size and its curves. A run whose JSON exists is skipped, so runs made on other
 days and machines add up; the page is rebuilt from the JSONs alone. Create the file PAUSE in the
 runs folder to stop after the current run (to use the machine for something else meanwhile).
@@ -52,6 +52,10 @@ RECIPES = {
 # (c): the recipe's epochs with LoRA of rank 8 on the attention's query and value, at 1e-3: on
 # MRPC (2 seeds, bf16 on an H200, 2026-12-04) 5e-4 scored 0.740, 1e-3 0.788 and 2e-3 0.741.
 LORA = {"lora_rank": 8, "learning_rate": 1e-3}
+# The files a run executes: a commit that changes none of them leaves the rows measured before it
+# standing (the runs' own commits change only their JSONs).
+CODE = ["trainer.py", "train_glue.py", "data.py", "metrics.py", "lora.py", "requirements.txt"]
+CODE += ["benchmarks/compare_hf.py"]
 WHY = {
     "recipe": "the learning rate and epochs of (b) above, each task's own",
     "lora": "(b)'s epochs, `--lora_rank 8` (query and value, alpha 16), learning rate 1e-3",
@@ -118,8 +122,7 @@ def run_one(task, config, seed, runs_dir, model):
     return {
         "task": task, "config": config, "seed": seed, "scores": final["eval"],
         "flags": flags_of(task, config, seed, precision), "command": shlex.join(shown).replace("'$MODEL'", '"$MODEL"'),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                 capture_output=True, text=True).stdout.strip(),
+        "commit": git("rev-parse", "--short", "HEAD"), "code_commit": code_commit(),
         "torch": torch.__version__, "cpu": cpu, "precision": precision,
         "minutes": (time.time() - start) / 60, "samples_per_second": final["train_samples_per_second"],
         "steps": final["step"], "peak_gb": peak / 2**30,
@@ -129,6 +132,16 @@ def run_one(task, config, seed, runs_dir, model):
         "evaluations": [[r["step"], r["eval"]] for r in log if "eval" in r],
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }  # fmt: skip
+
+
+def git(*words):
+    return subprocess.run(["git", *words], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def code_commit():
+    """The last commit to change a file the runs execute, "+edits" if the work tree changes one."""
+    edited = git("status", "--porcelain", "--", *CODE)
+    return git("log", "-1", "--format=%h", "--", *CODE) + ("+edits" if edited else "")
 
 
 def run_all(args):
@@ -208,6 +221,14 @@ def prose(groups):
             said.append(
                 f"LoRA is {'within a point of' if abs(b - c) <= 0.01 else 'above' if c > b else 'below'} (b): {c:.4f}"
             )
+        if "defaults" in mean and "hf" in mean:
+            a, hf = mean["defaults"], mean["hf"]
+            pace = {c: statistics.mean(r["samples_per_second"] for r in groups[(task, c)])
+                    for c in ("defaults", "hf")}  # fmt: skip
+            said.append(
+                f"(a) is {a - hf:+.4f} from HF Trainer at (a) ({hf:.4f}), "
+                f"at {pace['defaults'] / pace['hf']:.2f}x its samples/s"
+            )
         if said:
             lines.append(f"- {task} ({metric}): " + "; ".join(said) + ".")
     return lines
@@ -224,17 +245,19 @@ def write_page(args):
              "is the last evaluation's (`final/eval.json`), mean ± population std over seeds (their "
              "number in brackets); no best model is chosen. Minutes: wall time of the whole run, "
              "start to exit; samples/s: training only.", ""]  # fmt: skip
-    machines = sorted({(r["commit"], r["cpu"], r["torch"], r["precision"]) for r in records})
+    code = sorted({r.get("code_commit", r["commit"]) for r in records})
+    machines = sorted({(r["cpu"], r["torch"], r["precision"]) for r in records})
     lines += [
-        "Measured on: "
-        + "; ".join(f"commit {c}, {cpu}, torch {t}, {p}" for c, cpu, t, p in machines)
-        + ".",
+        f"Measured on the code of commit {', '.join(code)} (the last commit to change a file the "
+        "runs execute; each run's own commit is in its JSON), on: "
+        + "; ".join(f"{cpu}, torch {t}, {p}" for cpu, t, p in machines)
+        + ". A row that says `not run` waits for its runs.",
         "",
     ]
     lines += ["## Summary", "", "| task | metric | " + " | ".join(NAMES.values()) + " | minutes a / b / c / HF | samples/s a / b / c / HF |",
               "|---" * (4 + len(CONFIGS)) + "|"]  # fmt: skip
-    for task in tasks:
-        metric, cells, minutes, speeds = main_metric(task, groups), [], [], []
+    for task in TASKS:
+        metric, cells, minutes, speeds = main_metric(task, groups) or "-", [], [], []
         for config in CONFIGS:
             runs = groups.get((task, config))
             cells.append(mean_std(runs, metric)[1] if runs else "not run")
@@ -271,7 +294,7 @@ def write_page(args):
         scores = ", ".join(f"{k} {v:.4f}" for k, v in r["scores"].items())
         size = f"{r['checkpoint_mb']:.1f}" if r["checkpoint_mb"] else "-"
         lines.append(f"| {r['task']} | {r['config']} | {r['seed']} | {scores} | {r['minutes']:.1f} | {r['samples_per_second']:.1f} | "
-                     f"{r['peak_gb']:.2f} | {size} | {r['parameters_trained'] or '-'} | {r['precision']} | {r['commit']} |")  # fmt: skip
+                     f"{r['peak_gb']:.2f} | {size} | {r['parameters_trained'] or '-'} | {r['precision']} | {r.get('code_commit', r['commit'])} |")  # fmt: skip
     lines += [
         "",
         "## Commands",
