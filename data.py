@@ -175,11 +175,11 @@ def read_hub(dataset, config, split):
 
 def digest(path):
     """The sha256 of a file's bytes, or of a folder's files (glob skips hidden ones, like .git)."""
-    files = [path]
+    files, sha = [path], hashlib.sha256()
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "**"), recursive=True))
-    sha = hashlib.sha256()
     for file in filter(os.path.isfile, files):
+        sha.update(os.path.relpath(file, path).encode())  # a file renamed may be another split
         with open(file, "rb") as f:
             sha.update(hashlib.file_digest(f, "sha256").digest())
     return sha.hexdigest()

@@ -299,7 +299,7 @@ def test_a_finished_run_without_checkpoints_is_not_trained_again_over_its_final(
 
 def test_a_hub_layout_folder_edited_or_moved_is_read_afresh(tmp_path):
     """datasets keys a hub-layout folder's cache by its name and config alone: an edited folder,
-    or another of the same name, would be served the first one's rows."""
+    another of the same name, or one whose files were renamed would be served the first rows."""
 
     def hub_folder(parent, rows):
         root = tmp_path / parent / "glue"
@@ -315,3 +315,11 @@ def test_a_hub_layout_folder_edited_or_moved_is_read_afresh(tmp_path):
     assert len(data.read_hub(hub_folder("a", 3), "rte", "train")) == 3
     assert len(data.read_hub(hub_folder("b", 5), "rte", "train")) == 5  # the same name elsewhere
     assert len(data.read_hub(hub_folder("a", 7), "rte", "train")) == 7  # edited in place
+    # Renamed without a byte changed, files in the same order: the other file is now the split.
+    folder = hub_folder("c", 7)
+    datasets.Dataset.from_dict({"sentence1": ["s", "s"], "sentence2": ["t", "t"], "label": [0, 0],
+                                "idx": [0, 1]}).to_parquet(folder + "/rte/u.parquet")  # fmt: skip
+    assert len(data.read_hub(folder, "rte", "train")) == 7
+    os.rename(folder + "/rte/train-00000-of-00001.parquet", folder + "/rte/s.parquet")
+    os.rename(folder + "/rte/u.parquet", folder + "/rte/train-00001-of-00001.parquet")
+    assert len(data.read_hub(folder, "rte", "train")) == 2
