@@ -174,7 +174,7 @@ def read_hub(dataset, config, split):
 
 
 def digest(path):
-    """The sha256 of a file's bytes, or of a folder's files (glob skips hidden ones, like .git)."""
+    """The sha256 of a file's bytes, or of a folder's file names and bytes (not hidden files)."""
     files, sha = [path], hashlib.sha256()
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "**"), recursive=True))
