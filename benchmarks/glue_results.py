@@ -6,11 +6,11 @@ task, (c) LoRA, and Hugging Face's Trainer at (a), three seeds each (SST-2: one)
     python benchmarks/glue_results.py --page_only   # results.md and the curves from the JSONs
 
 Each finished run leaves docs/glue_results/runs/TASK-CONFIG-SEED.json: its scores, flags and
-command, the commits (HEAD's, and the last to change a file the run executes), torch, the CPU
-and its precision, minutes, samples/s, peak memory, the checkpoint's size and its curves. A run
-whose JSON exists is skipped, so runs made on other days and machines add up; the page is rebuilt
-from the JSONs alone. Create the file PAUSE in the
-runs folder to stop after the current run (to use the machine for something else meanwhile).
+command, the commits (HEAD's, and the last to change a file the run executes), torch, the CPU and
+its precision, minutes, samples/s, peak memory, the checkpoint's size and its curves. A run whose
+JSON exists is skipped, so runs made on other days and machines add up; the page is rebuilt from the
+JSONs alone. Create the file PAUSE in the runs folder to stop after the current run (to use the
+machine for something else meanwhile).
 """
 
 import argparse
