@@ -298,9 +298,15 @@ def log(output_dir, report, window, progress, lr, grad_norm, eta):
     logged_examples, logged_seconds = progress["logged"]
     examples, seconds = progress["examples"] - logged_examples, progress["seconds"] - logged_seconds
     progress["logged"] = [progress["examples"], progress["seconds"]]
-    record = {"step": progress["step"], "loss": loss_sum / items, "lr": lr, "grad_norm": grad_norm}
-    record |= {"skipped_steps": progress["skipped_steps"], "samples_per_second": examples / seconds}
-    record["eta_seconds"] = eta
+    record = {
+        "step": progress["step"],
+        "loss": loss_sum / items,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "skipped_steps": progress["skipped_steps"],
+        "samples_per_second": examples / seconds,
+        "eta_seconds": eta,
+    }
     append_log(output_dir, report, record)
     return torch.zeros_like(window)
 
@@ -423,8 +429,14 @@ def save_checkpoint(output_dir, model, optimizer, scaler, progress, flags):
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None  # this GPU's
     rng = all_gather((torch.get_rng_state(), cuda_rng))
     if RANK == 0:  # DDP keeps the replicas identical: one copy of model and optimizer will do
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        state |= {"scaler": scaler.state_dict(), "progress": progress, "flags": flags, "rng": rng}
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "progress": progress,
+            "flags": flags,
+            "rng": rng,
+        }
         path = os.path.join(output_dir, f"checkpoint-{progress['step']}.pt")
         write_atomically(path, lambda f: torch.save(state, f))
         # Older ones go, but the best evaluation's (progress["best_step"], if the caller tracks
