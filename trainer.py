@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  now, before any process group exists: see below
 
 # === 1. Processes and devices ====================================================================
 
@@ -45,6 +46,8 @@ def setup_distributed(timeout_seconds=1800):
     if WORLD_SIZE > 1:
         # NCCL reduces the GPU tensors (DDP's gradients), gloo the CPU ones. The timeout bounds
         # every collective, the wait while rank 0 writes a checkpoint included.
+        # torch.distributed.nn is imported above, before the group: imported after it (the first
+        # optimizer does) it keeps the group alive, and gloo's threads can then abort the exit.
         timeout = datetime.timedelta(seconds=timeout_seconds)
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timeout)
     return device

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import GLUE, ROOT, model_weights, run_cli
+from conftest import GLUE, ROOT, launch_command, model_weights, run_cli
 
 
 def test_ddp_two_processes_match_one_process_and_evaluate_every_example_once(tiny_model, tmp_path):
@@ -134,3 +134,27 @@ def test_an_error_under_torchrun_is_printed_once_per_machine(tiny_model, tmp_pat
                       "--output_dir", tmp_path / "out", "--max_seq_length", 3], torchrun=2, check=False)  # fmt: skip
     assert result.returncode != 0
     assert errors(result.stderr) == ["error: --max_seq_length must be in [5, 512] for this model"]
+
+
+LEAVE_THE_GROUP = r"""
+import os, torch, trainer
+trainer.setup_distributed()
+trainer.build_optimizer(torch.nn.Linear(2, 2), 1e-3, 0.0)  # torch.optim's first use imports torch._dynamo
+trainer.all_gather(None)
+torch.distributed.destroy_process_group()
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+left = [name for name in threads if "gloo" in name]
+os.write(1, f"gloo threads left: {left}\n".encode())  # one write: the ranks' lines stay whole
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads threads from Linux's /proc")
+def test_leaving_the_process_group_ends_its_threads_so_none_can_abort_the_exit(tmp_path):
+    """A gloo thread alive at the interpreter's exit aborts it now and then (SIGABRT, 'terminate
+    called without an active exception') while it drops the last collective's tensors. They end
+    with the group, unless torch.distributed.nn was first imported after init_process_group."""
+    (tmp_path / "leave.py").write_text(LEAVE_THE_GROUP)
+    result = subprocess.run([*launch_command(torchrun=2), "leave.py"], cwd=tmp_path, env=dict(
+        os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("gloo threads left: []") == 2, result.stdout
