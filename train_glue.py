@@ -476,13 +476,11 @@ def write_final_outputs(args, task, model, tokenizer, splits, summary, autocast)
         lora.merge(model)
     for name, table in [(name, t) for name, t in splits.items() if name.startswith("test")]:
         values = predict(args, model, tokenizer, table, autocast).tolist()
+        classes = task["classes"]  # names; none for a score
         if task["problem_type"] == "multi_label_classification":  # a JSON list: json.loads reads it
-            values = [
-                json.dumps([c for c, on in zip(task["classes"], v, strict=True) if on])
-                for v in values
-            ]
+            values = [json.dumps([classes[i] for i, on in enumerate(v) if on]) for v in values]
         else:
-            values = [task["classes"][v] if task["classes"] else round(v, 3) for v in values]
+            values = [classes[v] if classes else round(v, 3) for v in values]
         ids = table["index"] if "index" in table.column_names else range(len(table))
         # "index, prediction" rows: GLUE's submission format (MNLI-m.tsv, MNLI-mm.tsv: its two)
         lines = [f"{i}\t{v}\n" for i, v in zip(ids, values, strict=True)]

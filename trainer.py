@@ -334,10 +334,8 @@ def to_json(record, indent=None):
 
 
 # === 5. Checkpoints and resume ===================================================================
-# A resumed run continues exactly where the interrupted one stopped. A checkpoint holds the
-# weights, the optimizer's moments, the fp16 loss scale, each rank's torch random streams (draw
-# your randomness, like dropout, from them), the step (the whole position in the data and the
-# schedule) and the run's flags, of which those that make it another run must match.
+# A resumed run continues exactly where the interrupted one stopped: the step is its position in
+# the data and the schedule, and each rank's torch random streams go on (draw dropout from them).
 
 
 def start_or_resume(model, optimizer, scaler, output_dir, flags, must_match):
