@@ -216,7 +216,10 @@ def prose(groups):
                 if a - b > spread
                 else "ties, within the seeds' spread,"
             )
-            said.append(f"(b) {verdict} (a): {b:.4f} against {a:.4f}")
+            if min(len(groups[(task, c)]) for c in ("defaults", "recipe")) < 2:  # SST-2
+                said.append(f"(b) and (a), one seed each (no spread to judge by): {b:.4f}, {a:.4f}")
+            else:
+                said.append(f"(b) {verdict} (a): {b:.4f} against {a:.4f}")
         if "recipe" in mean and "lora" in mean:
             b, c = mean["recipe"], mean["lora"]
             said.append(
@@ -230,6 +233,10 @@ def prose(groups):
                 f"(a) is {a - hf:+.4f} from HF Trainer at (a) ({hf:.4f}), "
                 f"at {pace['defaults'] / pace['hf']:.2f}x its samples/s"
             )
+        for config, name in zip(CONFIGS, ["(a)", "(b)", "LoRA", "HF Trainer"], strict=True):
+            values = [r["scores"][metric] for r in groups.get((task, config), [])]
+            if values and max(values) - min(values) > 0.1:  # a mean that hides a seed gone astray
+                said.append(f"{name}'s seeds range from {min(values):.4f} to {max(values):.4f}")
         if said:
             lines.append(f"- {task} ({metric}): " + "; ".join(said) + ".")
     return lines
