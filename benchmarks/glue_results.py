@@ -355,8 +355,10 @@ def write_page(args):
               "2-core CPUs. On a GPU, MNLI at (b)'s usual learning rate (1e-4) is:", "",
               "    python train_glue.py --task_name mnli --model_name_or_path sentence-transformers/all-MiniLM-L6-v2 "
               "--output_dir runs/mnli --learning_rate 1e-4 --warmup_ratio 0.1 --bf16", ""]  # fmt: skip
-    with open(os.path.join(PAGE, "results.md"), "w") as f:
+    page = os.path.join(PAGE, "results.md")
+    with open(page + ".tmp", "w") as f:  # a crash mid-write leaves the last page whole
         f.write("\n".join(lines))
+    os.replace(page + ".tmp", page)
     print(f"wrote {os.path.join(PAGE, 'results.md')}")
 
 
